@@ -1,0 +1,33 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+#   make demo | make test
+# GPU machine: make test TORCH_SPEC=torch TORCH_INDEX=https://download.pytorch.org/whl/cu126
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.medseg-installed
+
+.PHONY: setup test lint demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check medseg pipelines tests
+	$(BIN)/ruff format --check medseg pipelines tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/medseg demo --out demo_out
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

@@ -1,0 +1,211 @@
+"""The training loop: MONAI CacheDataset → patches → Dice+CE with deep supervision → validation → checkpoints.
+
+One function, :func:`train`, driven by a resolved config (see :mod:`medseg.config`). It writes into
+``train.output``:
+
+* ``config.yaml`` — the resolved config; ``plan.json`` — the preprocessing plan;
+* ``last.pt`` every epoch and ``best.pt`` at the best validation mean Dice (see :mod:`.checkpoint`);
+* ``metrics.csv`` — one row per epoch; ``curves.png`` — loss and validation Dice.
+
+Resuming (``resume=True``) restores weights, optimizer, scheduler, epoch, best metric and RNG state from
+``last.pt``. Randomness per epoch is derived from ``(seed, epoch)`` — MONAI transform states, the sampler and
+torch's generator are reseeded at every epoch start — so a resumed run continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+
+from medseg.config import dump_config
+from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
+from medseg.data.plan import make_plan
+from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from medseg.engine.history import append_metrics, plot_curves
+from medseg.inference.sliding import resolve_device, sliding_window_logits
+from medseg.io import atomic_write_text
+from medseg.losses import build_loss
+from medseg.metrics import dice_per_label
+from medseg.nets.registry import build_network
+from medseg.transforms import train_transforms, val_transforms
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: dict, model: torch.nn.Module, total_iters: int):
+    """AdamW or SGD (Nesterov) with a per-iteration poly learning-rate schedule (nnU-Net's (1 - t/T)^0.9)."""
+    o = cfg["optim"]
+    if o["name"] == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+    elif o["name"] == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=True, weight_decay=o["weight_decay"]
+        )
+    else:
+        raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total_iters, 1), power=o["poly_power"])
+    return opt, sched
+
+
+def _infinite(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def validate(model, val_ds, cfg: dict, plan: dict, device: torch.device) -> dict[str, float]:
+    """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`."""
+    infer = cfg["infer"]
+    roi = infer.get("roi_size") or plan["patch_size"]
+    labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
+    per_label: dict[str, list[float]] = {name: [] for name in labels}
+    for item in val_ds:
+        image = torch.as_tensor(item["image"])[None].to(device)
+        logits = sliding_window_logits(model, image, roi, infer["overlap"], infer["sw_batch_size"], infer["mode"], cfg["train"]["amp"])
+        pred = logits.argmax(1)[0].cpu().numpy()
+        ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)
+        scores = dice_per_label(pred, ref, list(labels.values()))
+        for name, idx in labels.items():
+            per_label[name].append(float(scores[idx]))
+    means = {name: float(np.mean(v)) for name, v in per_label.items()}
+    means["mean"] = float(np.mean(list(means.values()))) if means else float("nan")
+    return means
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def train(cfg: dict, resume: bool = False, log=print) -> Path:
+    """Train the configured network; return the run folder. See the module docstring for outputs."""
+    tcfg = cfg["train"]
+    out = Path(tcfg["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tcfg["device"])
+    seed_everything(int(tcfg["seed"]))
+
+    root = cfg["data"]["root"]
+    if root is None:
+        raise ValueError("data.root is not set (path to a dataset folder with dataset.json)")
+    meta = read_dataset_json(root)
+    names = label_names(meta)
+    cases = training_cases(root)
+    train_cases, val_cases = split_cases(cases, cfg["data"]["val_fraction"], int(tcfg["seed"]), cfg["data"]["val_cases"])
+
+    ckpt = load_checkpoint(out / "last.pt") if resume else None
+    plan = ckpt["plan"] if ckpt else make_plan(cfg, train_cases, names)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))
+
+    num_classes = len(names)
+    model = build_network(cfg["model"], plan["in_channels"], num_classes).to(device)
+    loss_fn = build_loss(cfg, num_classes).to(device)
+    epochs, iters = int(tcfg["epochs"]), int(tcfg["iters_per_epoch"])
+    optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
+    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, best = 0, -math.inf
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"])
+        _set_rng_state(ckpt["rng"])
+        log(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+
+    dcfg = cfg["data"]
+    train_tf = train_transforms(plan, cfg["augment"])
+    train_ds = CacheDataset(train_cases, train_tf, cache_rate=dcfg["cache_rate"], num_workers=None, progress=False)
+    val_ds = CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg["cache_rate"], progress=False) if val_cases else Dataset([], None)
+    log(f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}")
+
+    def state(epoch: int) -> dict:
+        return {
+            "model": model.state_dict(), "config": cfg, "plan": plan, "labels": plan["labels"],
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best_metric": best, "rng": _rng_state(),
+        }
+
+    t_start = time.monotonic()
+    for epoch in range(start_epoch, epochs):
+        epoch_seed = int(tcfg["seed"]) * 1_000_003 + epoch
+        train_tf.set_random_state(seed=epoch_seed % 2**32)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        loader = DataLoader(
+            train_ds, batch_size=int(tcfg["batch_size"]), shuffle=True, generator=generator,
+            num_workers=int(dcfg["num_workers"]), collate_fn=list_data_collate,
+        )
+        model.train()
+        t0, losses = time.monotonic(), []
+        batches = _infinite(loader)
+        progress = _progress(range(iters), tcfg["progress"], f"epoch {epoch + 1}/{epochs}")
+        for _ in progress:
+            batch = next(batches)
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss = loss_fn(model(image), label)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
+        last_epoch = epoch == epochs - 1
+        out_of_time = tcfg["max_minutes"] is not None and (time.monotonic() - t_start) / 60 > float(tcfg["max_minutes"])
+        if len(val_cases) and ((epoch + 1) % int(tcfg["val_every"]) == 0 or last_epoch or out_of_time):
+            scores = validate(model, val_ds, cfg, plan, device)
+            row.update({"val_dice": scores["mean"], **{f"val_dice_{k}": v for k, v in scores.items() if k != "mean"}})
+            if scores["mean"] > best:
+                best = scores["mean"]
+                save_checkpoint(state(epoch), out / "best.pt")
+            log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, validation mean Dice {scores['mean']:.4f} (best {best:.4f})")
+        row["seconds"] = time.monotonic() - t0
+        save_checkpoint(state(epoch), out / "last.pt")
+        append_metrics(out / "metrics.csv", row)
+        plot_curves(out / "metrics.csv", out / "curves.png")
+        if out_of_time:
+            log(f"stopping after epoch {epoch + 1}: train.max_minutes={tcfg['max_minutes']} reached")
+            break
+    if not (out / "best.pt").exists() and (out / "last.pt").exists():  # no validation split: best = last
+        save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
+    return out
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,57 @@
+"""Small building pieces shared by every block: normalisation factory and conv–norm–act.
+
+All blocks in :mod:`medseg.nets.blocks` take and return ``(B, C, D, H, W)`` tensors and build their
+normalisation layers through :func:`get_norm`, so a network can switch every block between instance,
+batch and group normalisation with one config value.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+NORMS = ("instance", "batch", "group")
+
+
+def get_norm(name: str, channels: int) -> nn.Module:
+    """Return a 3D normalisation layer by name (``instance`` | ``batch`` | ``group``).
+
+    Instance norm is affine (learned scale/shift), as in nnU-Net; group norm uses up to 8 groups.
+    """
+    if name == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if name == "batch":
+        return nn.BatchNorm3d(channels)
+    if name == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORMS)}")
+
+
+class ConvNormAct(nn.Sequential):
+    """``Conv3d → norm → ReLU`` (the conv has no bias because the norm has one).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: cubic kernel size; padding keeps the spatial size for stride 1.
+        stride: convolution stride.
+        norm: normalisation name, see :func:`get_norm`.
+        act: append a ReLU when true.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        norm: str = "instance",
+        act: bool = True,
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
+            get_norm(norm, out_channels),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)

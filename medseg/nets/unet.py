@@ -1,0 +1,194 @@
+"""3D U-Net and the 3D Attention U-Net with grid attention gates (Oktay et al., 2018).
+
+Oktay O., Schlemper J., Le Folgoc L. et al., "Attention U-Net: Learning Where to Look for the Pancreas",
+MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' code
+(``unet_CT_single_att_dsv_3D``):
+
+* 5 levels, filters 16/32/64/128/256, two 3×3×3 conv–norm–ReLU per level, 2×2×2 max-pool down.
+* Gating signal ``g`` from the bottleneck through a 1×1×1 conv–norm–ReLU (Fig. 1 of the paper).
+* Grid attention gates (:class:`~medseg.nets.blocks.grid_attention.GridAttentionGate3D`, Eq. 1–2) on skip
+  levels 2–4; the full-resolution skip is not gated. The deepest gate is driven by ``g``, each shallower gate
+  by the decoder feature of the level below (the coarser grid), as in the authors' network.
+* Decoder: trilinear ×2 up-sampling (to the skip's exact size, so odd sizes work), concatenation with the
+  (gated) skip, two 3×3×3 convs.
+* Deep supervision: a 1×1×1 head per decoder level (Sec. 2 of the paper).
+
+The U-Net (``skip_gate="none"``) has the identical encoder/decoder without gates: the ablation baseline.
+
+Pluggable parts (chosen by config through :mod:`medseg.nets.registry`): a bottleneck block (PAM, CAM, DANet
+dual, EMA, PSA, FPA, context encoding), the decoder fusion (``concat`` or PAN's global attention
+upsample ``gau``) and the final head (``plain`` or reverse attention).
+
+Output contract:
+
+* ``model.eval()``: full-resolution logits ``(B, K, D, H, W)``; with ``return_attention=True`` a tuple
+  ``(logits, [α₂, α₃, α₄])`` with each α of shape ``(B, 1, *skip_size)`` and values in [0, 1].
+* ``model.train()``: a dict ``{"logits": [full, level2, level3, level4], "aux": {name: tensor}}`` —
+  the deep-supervision list (full resolution first, then coarser decoder levels) and the auxiliary outputs
+  of the pluggable blocks (DANet branch logits, reverse branch, SE presence logits); ``"attention"`` is
+  added with ``return_attention=True``. :class:`medseg.losses.SegmentationLoss` consumes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.nets.blocks.common import ConvNormAct
+from medseg.nets.blocks.grid_attention import GridAttentionGate3D
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3×3×3 conv–norm–ReLU layers (one U-Net level)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "instance") -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, 3, norm=norm),
+            ConvNormAct(out_channels, out_channels, 3, norm=norm),
+        )
+
+
+class ConcatFusion(nn.Module):
+    """U-Net decoder fusion: trilinear up-sampling of the coarse feature to the skip's size, concatenation."""
+
+    def __init__(self, high_channels: int, low_channels: int, out_channels: int, norm: str = "instance"):
+        super().__init__()
+        self.conv = DoubleConv(high_channels + low_channels, out_channels, norm)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(high, size=low.shape[2:], mode="trilinear", align_corners=False)
+        return self.conv(torch.cat([low, up], dim=1))
+
+
+class UNet3D(nn.Module):
+    """Five-level 3D U-Net with optional grid attention gates and pluggable attention blocks.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        num_classes: output classes including background.
+        filters: channels per level, default ``(16, 32, 64, 128, 256)`` (Oktay et al.'s 3D CT network).
+        norm: ``instance`` | ``batch`` | ``group``.
+        skip_gate: ``grid`` (attention gates on skip levels 2..L-1) or ``none``.
+        deep_supervision: add a 1×1×1 head per decoder level (used in training only).
+        bottleneck: factory ``(channels, num_classes, norm) -> nn.Module`` or ``None``; the module returns a
+            tensor, or ``(tensor, aux_dict)``.
+        fusion: factory ``(high_channels, low_channels, out_channels, norm) -> nn.Module``; default concat.
+        head: factory ``(in_channels, num_classes, norm) -> nn.Module``; returns logits or ``(logits, aux)``;
+            default a 1×1×1 convolution.
+
+    Example:
+        >>> net = AttentionUNet3D(1, 3).eval()
+        >>> net(torch.randn(1, 1, 32, 48, 40)).shape
+        torch.Size([1, 3, 32, 48, 40])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        filters: Sequence[int] = (16, 32, 64, 128, 256),
+        norm: str = "instance",
+        skip_gate: str = "none",
+        deep_supervision: bool = True,
+        bottleneck: Callable[..., nn.Module] | None = None,
+        fusion: Callable[..., nn.Module] | None = None,
+        head: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        filters = [int(f) for f in filters]
+        if len(filters) < 2:
+            raise ValueError(f"filters needs at least 2 levels, got {filters}")
+        if skip_gate not in ("grid", "none"):
+            raise ValueError(f"skip_gate must be 'grid' or 'none', got {skip_gate!r}")
+        self.num_classes = num_classes
+        self.filters = filters
+        self.skip_gate = skip_gate
+        self.deep_supervision = deep_supervision
+        depth = len(filters)
+
+        self.encoder = nn.ModuleList(
+            [DoubleConv(in_channels if i == 0 else filters[i - 1], f, norm) for i, f in enumerate(filters)]
+        )
+        self.pool = nn.MaxPool3d(2)
+        self.bottleneck = bottleneck(filters[-1], num_classes, norm) if bottleneck else None
+
+        # Gates on skip levels 1..depth-2 (0-based); level 0 (full resolution) is not gated.
+        self.gates = nn.ModuleDict()
+        if skip_gate == "grid":
+            self.gating = ConvNormAct(filters[-1], filters[-1], kernel_size=1, norm=norm)
+            for lvl in range(1, depth - 1):
+                self.gates[str(lvl)] = GridAttentionGate3D(
+                    filters[lvl], filters[lvl + 1], inter_channels=filters[lvl], norm=norm
+                )
+        make_fusion = fusion or ConcatFusion
+        self.decoder = nn.ModuleList(
+            [make_fusion(filters[lvl + 1], filters[lvl], filters[lvl], norm) for lvl in range(depth - 1)]
+        )
+        self.head = head(filters[0], num_classes, norm) if head else nn.Conv3d(filters[0], num_classes, 1)
+        self.ds_heads = nn.ModuleList(
+            [nn.Conv3d(filters[lvl], num_classes, 1) for lvl in range(1, depth - 1)] if deep_supervision else []
+        )
+
+    def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list, dict]:
+        """Run encoder + decoder; return (full-res feature, decoder features by level, alphas, aux)."""
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        aux: dict[str, torch.Tensor] = {}
+        below = skips[-1]
+        if self.bottleneck is not None:
+            out = self.bottleneck(below)
+            below, extra = out if isinstance(out, tuple) else (out, {})
+            aux.update(extra)
+        g = self.gating(below) if self.gates else None
+        alphas: list[torch.Tensor] = []
+        decoded: list[torch.Tensor] = [below]
+        for lvl in range(len(self.filters) - 2, -1, -1):
+            skip = skips[lvl]
+            if str(lvl) in self.gates:
+                gate_signal = g if lvl == len(self.filters) - 2 else below
+                skip, alpha = self.gates[str(lvl)](skip, gate_signal)
+                alphas.insert(0, alpha)
+            below = self.decoder[lvl](below, skip)
+            decoded.insert(0, below)
+        return below, decoded, alphas, aux
+
+    def _apply_head(self, feat: torch.Tensor, aux: dict) -> torch.Tensor:
+        out = self.head(feat)
+        if isinstance(out, tuple):
+            out, extra = out
+            aux.update(extra)
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-resolution logits and the penultimate (last decoder) feature map, for multi-scale wrappers."""
+        feat, _, _, aux = self._decode(x)
+        return self._apply_head(feat, aux), feat
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        feat, decoded, alphas, aux = self._decode(x)
+        logits = self._apply_head(feat, aux)
+        if not self.training:
+            return (logits, alphas) if return_attention else logits
+        outputs = [logits] + [head(decoded[i + 1]) for i, head in enumerate(self.ds_heads)]
+        result = {"logits": outputs, "aux": aux}
+        if return_attention:
+            result["attention"] = alphas
+        return result
+
+
+class AttentionUNet3D(UNet3D):
+    """The 3D Attention U-Net of Oktay et al. 2018: :class:`UNet3D` with ``skip_gate="grid"``."""
+
+    def __init__(self, in_channels: int, num_classes: int, **kwargs) -> None:
+        kwargs.setdefault("skip_gate", "grid")
+        super().__init__(in_channels, num_classes, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

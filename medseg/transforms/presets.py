@@ -1,0 +1,107 @@
+"""MONAI ``Compose`` presets for training, validation and inference, built from a preprocessing plan.
+
+Deterministic part (shared by all three, cached by ``CacheDataset``)::
+
+    LoadImaged (nibabel, RAS affine) → EnsureChannelFirstd → Orientationd(plan orientation)
+    → Spacingd(plan spacing; bilinear image / nearest label) → CropForegroundd(body: HU > -500)
+    → CT intensity normalisation
+
+CT intensity normalisation is either a HU window (clip to ``[a_min, a_max]``, scale to [0, 1]) or nnU-Net's
+CT scheme (clip to the 0.5/99.5 foreground percentiles of the training set, z-score with the foreground mean
+and std) — both from MONAI (``ScaleIntensityRanged``, ``NormalizeIntensityd``).
+
+Random part (training only): ``SpatialPadd`` to the patch size → ``RandCropByPosNegLabeld`` (foreground
+oversampling) → ``RandAffined`` (rotation + scaling) → ``RandFlipd`` (off by default: flips swap
+lateralised organs) → ``RandScaleIntensityd`` / ``RandShiftIntensityd`` / ``RandGaussianNoised``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from monai import transforms as mt
+
+BODY_HU_THRESHOLD = -500.0
+
+
+def body_mask(x) -> np.ndarray:
+    """Foreground for cropping: voxels denser than lung/air (HU > -500)."""
+    return x > BODY_HU_THRESHOLD
+
+
+def intensity_transforms(plan: dict, key: str = "image") -> list:
+    """CT intensity normalisation from the plan (see module docstring)."""
+    it = plan["intensity"]
+    if it["mode"] == "window":
+        return [mt.ScaleIntensityRanged(key, a_min=it["a_min"], a_max=it["a_max"], b_min=0.0, b_max=1.0, clip=True)]
+    if it["mode"] == "zscore":
+        return [
+            mt.ScaleIntensityRanged(key, a_min=it["a_min"], a_max=it["a_max"], b_min=it["a_min"], b_max=it["a_max"], clip=True),
+            mt.NormalizeIntensityd(key, subtrahend=it["mean"], divisor=max(it["std"], 1e-6)),
+        ]
+    raise ValueError(f"unknown intensity mode {it['mode']!r}; valid: window, zscore")
+
+
+def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) -> list:
+    """Load → orient → resample → crop to body → normalise; the cacheable prefix of every preset.
+
+    With ``load=False`` the chain starts at orientation and expects channel-first MetaTensors (the
+    inference path, which has already read and checked the volume).
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+    steps = [mt.LoadImaged(keys, reader="NibabelReader", image_only=True), mt.EnsureChannelFirstd(keys)] if load else []
+    steps += [
+        mt.Orientationd(keys, axcodes=plan["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys, pixdim=plan["spacing"], mode=modes),
+    ]
+    if plan.get("crop_foreground", True):
+        steps.append(mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True))
+    steps += intensity_transforms(plan)
+    steps.append(mt.EnsureTyped(keys, dtype=(np.float32, np.uint8) if with_label else np.float32, track_meta=True))
+    return steps
+
+
+def train_transforms(plan: dict, augment: dict) -> mt.Compose:
+    """Training preset: deterministic prefix + patch sampling and augmentation."""
+    keys = ["image", "label"]
+    patch = [int(p) for p in plan["patch_size"]]
+    pos, neg = augment["pos_neg"]
+    rot = math.radians(float(augment["rotate_deg"]))
+    scale = float(augment["scale"])
+    p_int = float(augment["intensity_prob"])
+    steps = deterministic_transforms(plan, with_label=True) + [
+        mt.SpatialPadd(keys, spatial_size=patch),
+        mt.RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=patch, pos=pos, neg=neg,
+            num_samples=int(augment["samples_per_volume"]), image_key="image", allow_smaller=False,
+        ),
+    ]
+    if augment["affine_prob"] > 0:
+        steps.append(
+            mt.RandAffined(
+                keys, prob=float(augment["affine_prob"]), rotate_range=(rot, rot, rot),
+                scale_range=(scale, scale, scale), mode=("bilinear", "nearest"), padding_mode="border",
+            )
+        )
+    if augment["flip_prob"] > 0:
+        steps += [mt.RandFlipd(keys, prob=float(augment["flip_prob"]), spatial_axis=axis) for axis in range(3)]
+    if p_int > 0:
+        steps += [
+            mt.RandScaleIntensityd("image", factors=0.1, prob=p_int),
+            mt.RandShiftIntensityd("image", offsets=0.1, prob=p_int),
+            mt.RandGaussianNoised("image", std=0.02, prob=p_int),
+        ]
+    steps.append(mt.EnsureTyped(keys, dtype=(np.float32, np.int64), track_meta=False))
+    return mt.Compose(steps)
+
+
+def val_transforms(plan: dict) -> mt.Compose:
+    """Validation preset: deterministic prefix with the label (whole volumes)."""
+    return mt.Compose(deterministic_transforms(plan, with_label=True))
+
+
+def infer_transforms(plan: dict, load: bool = True) -> mt.Compose:
+    """Inference preset: deterministic prefix, image only; the MetaTensor keeps the model-space affine."""
+    return mt.Compose(deterministic_transforms(plan, with_label=False, load=load))

@@ -1,0 +1,50 @@
+"""Shared synthetic fixtures: a tiny phantom dataset and a tiny trained checkpoint (session-scoped)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_SHAPE = (48, 48, 24)
+REAL_CT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
+
+#: Overrides that make training take seconds: small filters, small patches, a few iterations.
+TINY_TRAIN = [
+    "model.filters=[4, 8, 16, 32, 64]",
+    "augment.patch_size=[32, 32, 16]",
+    "augment.samples_per_volume=1",
+    "train.epochs=2",
+    "train.iters_per_epoch=2",
+    "train.batch_size=1",
+    "train.val_every=1",
+    "train.progress=false",
+    "infer.overlap=0.25",
+    "data.val_fraction=0.25",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """4 training + 2 test phantoms, 48×48×24 voxels (RAS and LPS both occur)."""
+    from medseg.data.phantoms import write_msd_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_msd_dataset(root, num_train=4, num_test=2, shape=TINY_SHAPE, seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A run folder with best.pt/last.pt trained for a few iterations on the tiny dataset."""
+    from medseg.config import load_config
+    from medseg.engine import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={tiny_dataset}", f"train.output={out}"])
+    train(cfg, log=lambda *_: None)
+    return out
