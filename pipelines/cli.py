@@ -44,7 +44,9 @@ def phantoms(
     out: Annotated[Path, typer.Argument(help="Dataset folder to create (MSD layout).")],
     cases: Annotated[int, typer.Option(help="Training cases (imagesTr/labelsTr).")] = 10,
     test: Annotated[int, typer.Option(help="Held-out cases (imagesTs/labelsTs).")] = 2,
-    shape: Annotated[tuple[int, int, int], typer.Option(help="Voxel grid; spacing = field of view / shape.")] = (128, 128, 48),
+    shape: Annotated[
+        tuple[int, int, int], typer.Option(help="Voxel grid; spacing = field of view / shape.")
+    ] = (128, 128, 48),
     seed: Annotated[int, typer.Option(help="Dataset seed (cases are deterministic per seed).")] = 0,
 ) -> None:
     """Generate synthetic abdominal CT phantoms with labels in the Medical Segmentation Decathlon layout."""
@@ -57,7 +59,9 @@ def phantoms(
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <train.output>/last.pt.")] = False,
 ) -> None:
     """Train a network from a YAML config; writes checkpoints, metrics.csv and curves.png to train.output."""
@@ -78,10 +82,14 @@ def train(
 @app.command()
 def segment(
     input: Annotated[Path, typer.Option("-i", "--input", help="NIfTI file or folder of NIfTI files.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.nii.gz) for one input, or folder.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output file (.nii.gz) for one input, or folder.")
+    ],
     model: Annotated[Path, typer.Option("-m", "--model", help="Checkpoint (best.pt) from medseg train.")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap (default: from checkpoint).")] = None,
+    overlap: Annotated[
+        float | None, typer.Option(help="Sliding-window overlap (default: from checkpoint).")
+    ] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar."""
@@ -102,7 +110,9 @@ def segment(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for data, run, predictions and metrics.")] = Path("demo_out"),
+    out: Annotated[Path, typer.Option(help="Folder for data, run, predictions and metrics.")] = Path(
+        "demo_out"
+    ),
     cases: Annotated[int, typer.Option(help="Training phantoms.")] = 0,
     epochs: Annotated[int, typer.Option(help="Training epochs (0 = the demo's default).")] = 0,
 ) -> None:
@@ -113,6 +123,30 @@ def demo(
     result = run_demo(out, cases=cases or None, epochs=epochs or None, log=typer.echo)
     if result["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def ablate(
+    out: Annotated[Path, typer.Option(help="Folder for data, runs and the ablation table.")] = Path(
+        "ablation_out"
+    ),
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of variants (default: all).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra config override for every variant.")
+    ] = None,
+) -> None:
+    """Train every attention variant on the same phantoms with the same budget; write ablation.md/.csv."""
+    _quiet()
+    from pipelines.ablation import run_ablation
+
+    chosen = [v.strip() for v in variants.split(",")] if variants else None
+    try:
+        run_ablation(out, chosen, extra_overrides=set_ or [], log=typer.echo)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"table: {out / 'ablation.md'}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -32,6 +32,8 @@ from typing import Annotated
 
 import typer
 
+from medseg.io import atomic_write_text, case_name, is_nifti
+
 __all__ = ["CSV_COLUMNS", "evaluate_command", "load_label_names", "run_evaluation"]
 
 CSV_COLUMNS = (
@@ -49,19 +51,10 @@ CSV_COLUMNS = (
     "vol_ref_ml",
 )
 PLOT_METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "nsd")
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class EvaluationError(ValueError):
     """Bad input for a whole run (missing folder, no cases, bad label-name file)."""
-
-
-def _case_name(path: Path) -> str:
-    name = path.name
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _collect(path: Path, what: str) -> dict[str, Path]:
@@ -69,11 +62,11 @@ def _collect(path: Path, what: str) -> dict[str, Path]:
     if not path.exists():
         raise EvaluationError(f"{what} path does not exist: {path}")
     if path.is_file():
-        return {_case_name(path): path}
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+        return {case_name(path): path}
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     found: dict[str, Path] = {}
     for p in files:
-        name = _case_name(p)
+        name = case_name(p)
         if name in found:
             raise EvaluationError(
                 f"{what} folder has two files for case {name!r}: {found[name].name}, {p.name}"
@@ -104,21 +97,16 @@ def load_label_names(path: Path | None) -> dict[int, str]:
 
 
 def _load(path: Path, what: str):
-    """(array, affine, zooms, shape) of a NIfTI label map; one-line errors name the file."""
-    import nibabel as nib
+    """(array, affine) of a NIfTI label map, read and checked by :func:`medseg.io.load_volume`."""
     import numpy as np
 
+    from medseg.io import InputError, load_volume
+
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{what} {path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{what} {path}: expected a 3D label map, got shape {data.shape}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data, np.asarray(img.affine, dtype=np.float64), zooms
+        img = load_volume(path)
+    except InputError as exc:
+        raise ValueError(f"{what} {exc}") from None
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64), img.header.get_zooms()[:3]
 
 
 def _resample_nearest(data, affine_from, affine_to, shape_to):
@@ -182,19 +170,13 @@ def _json_safe(value):
     return value
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    from medseg.io.atomic import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in CSV_COLUMNS])
-    _write_text_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _box_plots(stem: Path, rows: list[dict], names: dict[int, str]) -> list[Path]:
@@ -271,7 +253,7 @@ def run_evaluation(
     names = load_label_names(label_names)
     preds, refs = _collect(pred, "prediction"), _collect(ref, "reference")
     if pred.is_file() and ref.is_file():
-        preds = {_case_name(ref): pred}  # two explicit files are a pair whatever their names
+        preds = {case_name(ref): pred}  # two explicit files are a pair whatever their names
     missing_pred = sorted(set(refs) - set(preds))
     missing_ref = sorted(set(preds) - set(refs))
     cases = sorted(set(refs) & set(preds))
@@ -341,7 +323,7 @@ def run_evaluation(
         "csv": str(output),
         "labels": per_label,
     }
-    _write_text_atomic(
+    atomic_write_text(
         stem.with_name(f"{stem.name}_summary.json"),
         json.dumps(_json_safe(summary), indent=2, allow_nan=False),
     )

@@ -77,7 +77,9 @@ def run_segment(
             log(f"[{i}/{len(inputs)}] FAILED {exc}")
             continue
         except Exception as exc:  # keep the batch going; name the file and the cause
-            report.failed[str(src)] = f"{src}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            report.failed[str(src)] = (
+                f"{src}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
             log(f"[{i}/{len(inputs)}] FAILED {report.failed[str(src)]}")
             continue
         report.written.append(dst)

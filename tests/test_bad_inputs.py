@@ -54,7 +54,7 @@ def test_load_volume_errors_name_file_and_cause(bad_files):
 
 
 def test_segment_folder_continues_and_reports_failures(tiny_run, tiny_dataset, bad_files, tmp_path):
-    good, files = bad_files
+    _, files = bad_files
     folder = tmp_path / "batch"
     folder.mkdir()
     src = sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))[0]
@@ -63,7 +63,10 @@ def test_segment_folder_continues_and_reports_failures(tiny_run, tiny_dataset, b
         path = files[key][0]
         (folder / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "out"
-    result = runner.invoke(app, ["segment", "-i", str(folder), "-o", str(out), "-m", str(tiny_run / "best.pt"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        ["segment", "-i", str(folder), "-o", str(out), "-m", str(tiny_run / "best.pt"), "--device", "cpu"],
+    )
     assert result.exit_code == 1
     assert (out / "ok.nii.gz").exists() and (out / "ok.json").exists()
     assert sorted(p.name for p in out.iterdir()) == ["ok.json", "ok.nii.gz"]  # no partial or temp files
@@ -75,7 +78,9 @@ def test_segment_folder_continues_and_reports_failures(tiny_run, tiny_dataset, b
 def test_single_bad_file_exits_nonzero(tiny_run, bad_files, tmp_path):
     _, files = bad_files
     path = files["missing"][0]
-    result = runner.invoke(app, ["segment", "-i", str(path), "-o", str(tmp_path / "o.nii.gz"), "-m", str(tiny_run / "best.pt")])
+    result = runner.invoke(
+        app, ["segment", "-i", str(path), "-o", str(tmp_path / "o.nii.gz"), "-m", str(tiny_run / "best.pt")]
+    )
     assert result.exit_code != 0 and str(path) in result.output
 
 
@@ -96,7 +101,9 @@ def test_foreign_checkpoints_are_rejected(tmp_path, bad_files):
         load_checkpoint(evil)
     text = tmp_path / "text.pt"
     text.write_text("hello")
-    result = runner.invoke(app, ["segment", "-i", str(good), "-o", str(tmp_path / "o.nii.gz"), "-m", str(text)])
+    result = runner.invoke(
+        app, ["segment", "-i", str(good), "-o", str(tmp_path / "o.nii.gz"), "-m", str(text)]
+    )
     assert result.exit_code != 0 and "text.pt" in result.output
     assert not (tmp_path / "o.nii.gz").exists()
 

@@ -26,7 +26,10 @@ def test_help_lists_commands():
 
 def test_cli_train_segment_evaluate(tmp_path):
     data, run, pred = tmp_path / "data", tmp_path / "run", tmp_path / "pred"
-    r = runner.invoke(app, ["phantoms", str(data), "--cases", "3", "--test", "2", "--shape", "40", "40", "20", "--seed", "3"])
+    r = runner.invoke(
+        app,
+        ["phantoms", str(data), "--cases", "3", "--test", "2", "--shape", "40", "40", "20", "--seed", "3"],
+    )
     assert r.exit_code == 0, r.output
     config = tmp_path / "cfg.yaml"
     config.write_text(f"data:\n  root: {data}\ntrain:\n  output: {run}\n")
@@ -40,7 +43,20 @@ def test_cli_train_segment_evaluate(tmp_path):
     assert ckpt["labels"]["pancreas"] == 6 and ckpt["plan"]["orientation"] == "RAS"
     assert len(ckpt["plan"]["spacing"]) == 3 and ckpt["config"]["model"]["name"] == "attention_unet"
 
-    r = runner.invoke(app, ["segment", "-i", str(data / "imagesTs"), "-o", str(pred), "-m", str(run / "best.pt"), "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "segment",
+            "-i",
+            str(data / "imagesTs"),
+            "-o",
+            str(pred),
+            "-m",
+            str(run / "best.pt"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     for src in sorted((data / "imagesTs").glob("*.nii.gz")):
         out = nib.load(pred / src.name)
@@ -50,7 +66,9 @@ def test_cli_train_segment_evaluate(tmp_path):
         side = json.loads((pred / src.name.replace(".nii.gz", ".json")).read_text())
         assert side["labels"]["liver"] == 1
 
-    r = runner.invoke(app, ["evaluate", "--pred", str(pred), "--ref", str(data / "labelsTs"), "-o", str(tmp_path / "m.csv")])
+    r = runner.invoke(
+        app, ["evaluate", "--pred", str(pred), "--ref", str(data / "labelsTs"), "-o", str(tmp_path / "m.csv")]
+    )
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((tmp_path / "m.csv").open()))
     assert {row["case"] for row in rows} == {"phantom_003", "phantom_004"}
@@ -63,7 +81,9 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     from medseg.engine import train
 
     def cfg(out, epochs):
-        return load_config(None, [*TINY_TRAIN, f"data.root={tiny_dataset}", f"train.output={out}", f"train.epochs={epochs}"])
+        return load_config(
+            None, [*TINY_TRAIN, f"data.root={tiny_dataset}", f"train.output={out}", f"train.epochs={epochs}"]
+        )
 
     quiet = lambda *_: None  # noqa: E731
     train(cfg(tmp_path / "straight", 2), log=quiet)

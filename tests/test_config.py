@@ -24,5 +24,5 @@ def test_unknown_key_suggests_closest(tmp_path):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml")

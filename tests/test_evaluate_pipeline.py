@@ -109,7 +109,7 @@ def test_bad_cases_fail_with_reason_and_others_go_on(folders, tmp_path):
     assert str(pred / "geom.nii.gz") in errors["geom"] and str(ref / "geom.nii.gz") in errors["geom"]
     assert "non-integer" in errors["frac"] and str(pred / "frac.nii.gz") in errors["frac"]
     assert "negative" in errors["neg"]
-    assert "cannot read" in errors["broken"] and str(pred / "broken.nii.gz") in errors["broken"]
+    assert "not a readable NIfTI" in errors["broken"] and str(pred / "broken.nii.gz") in errors["broken"]
     assert all("\n" not in e for e in errors.values())
     assert summary["n_evaluated"] == 2 and not summary["ok"]
     assert {r["case"] for r in _read_csv(tmp_path / "m.csv")} == {"case1", "case2"}

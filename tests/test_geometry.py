@@ -18,13 +18,15 @@ from medseg.transforms.presets import body_mask
 def _model_space_label(path, spacing):
     """Label through the same MONAI chain as inference: orient to RAS, resample, crop to body."""
     keys = ["image", "label"]
-    chain = mt.Compose([
-        mt.LoadImaged(keys, reader="NibabelReader", image_only=True),
-        mt.EnsureChannelFirstd(keys),
-        mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(keys, pixdim=spacing, mode=("bilinear", "nearest")),
-        mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True),
-    ])
+    chain = mt.Compose(
+        [
+            mt.LoadImaged(keys, reader="NibabelReader", image_only=True),
+            mt.EnsureChannelFirstd(keys),
+            mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.Spacingd(keys, pixdim=spacing, mode=("bilinear", "nearest")),
+            mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True),
+        ]
+    )
     return chain({"image": str(path[0]), "label": str(path[1])})["label"]
 
 
@@ -52,9 +54,10 @@ def test_round_trip_at_native_spacing_is_exact(tmp_path, orientation):
 @pytest.mark.parametrize("orientation", ["RAS", "LPS"])
 def test_round_trip_through_coarser_grid_keeps_organs_in_place(tmp_path, orientation):
     back, original = _round_trip(tmp_path, orientation, 1.5)
-    for label in (1, 2, 5):  # liver, spleen, aorta
+    # a flip or shift would drop these to ~0; resampling small organs (~200 voxels) costs a few percent
+    for label, bound in ((1, 0.9), (2, 0.75), (3, 0.75), (4, 0.75), (5, 0.75)):
         a, b = back == label, original == label
-        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.85
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > bound, label
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS"])

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from medseg.losses import SegmentationLoss
-from medseg.nets.blocks.danet import ChannelAttention3D, DualAttention3D, DualAttentionHead3D, PositionAttention3D
+from medseg.nets.blocks.danet import (
+    ChannelAttention3D,
+    DualAttention3D,
+    DualAttentionHead3D,
+    PositionAttention3D,
+)
 from medseg.nets.blocks.ema import EMAUnit3D
 from medseg.nets.blocks.encnet import ContextEncoding3D
 from medseg.nets.blocks.grid_attention import GridAttentionGate3D
@@ -26,16 +31,32 @@ ODD = (5, 7, 3)
 
 # name → (factory, inputs(shape) -> tuple of tensors, output channels)
 BLOCKS = {
-    "grid_gate": (lambda: GridAttentionGate3D(C, 2 * C), lambda s: (torch.randn(2, C, *s), torch.randn(2, 2 * C, *[(n + 1) // 2 for n in s])), C),
+    "grid_gate": (
+        lambda: GridAttentionGate3D(C, 2 * C),
+        lambda s: (torch.randn(2, C, *s), torch.randn(2, 2 * C, *[(n + 1) // 2 for n in s])),
+        C,
+    ),
     "pam": (lambda: PositionAttention3D(C, chunk_size=16), lambda s: (torch.randn(2, C, *s),), C),
     "cam": (lambda: ChannelAttention3D(C), lambda s: (torch.randn(2, C, *s),), C),
     "dual": (lambda: DualAttention3D(C, C, K), lambda s: (torch.randn(2, C, *s),), C),
     "dual_head": (lambda: DualAttentionHead3D(C, K), lambda s: (torch.randn(2, C, *s),), K),
     "ema": (lambda: EMAUnit3D(C, num_bases=4), lambda s: (torch.randn(2, C, *s),), C),
-    "psa_exact": (lambda: PointwiseSpatialAttention3D(C, mode="exact"), lambda s: (torch.randn(2, C, *s),), C),
-    "psa_window": (lambda: PointwiseSpatialAttention3D(C, mode="window", radius=1), lambda s: (torch.randn(2, C, *s),), C),
+    "psa_exact": (
+        lambda: PointwiseSpatialAttention3D(C, mode="exact"),
+        lambda s: (torch.randn(2, C, *s),),
+        C,
+    ),
+    "psa_window": (
+        lambda: PointwiseSpatialAttention3D(C, mode="window", radius=1),
+        lambda s: (torch.randn(2, C, *s),),
+        C,
+    ),
     "fpa": (lambda: FeaturePyramidAttention3D(C), lambda s: (torch.randn(2, C, *s),), C),
-    "gau": (lambda: GlobalAttentionUpsample3D(2 * C, C, C), lambda s: (torch.randn(2, 2 * C, *[(n + 1) // 2 for n in s]), torch.randn(2, C, *s)), C),
+    "gau": (
+        lambda: GlobalAttentionUpsample3D(2 * C, C, C),
+        lambda s: (torch.randn(2, 2 * C, *[(n + 1) // 2 for n in s]), torch.randn(2, C, *s)),
+        C,
+    ),
     "encoding": (lambda: ContextEncoding3D(C, K, num_codes=4), lambda s: (torch.randn(2, C, *s),), C),
     "reverse_attention": (lambda: ReverseAttentionHead3D(C, K), lambda s: (torch.randn(2, C, *s),), K),
 }
@@ -92,7 +113,11 @@ VARIANTS = (
     + [{"bottleneck": b} for b in BOTTLENECKS if b != "none"]
     + [{"decoder_fusion": f} for f in FUSIONS if f != "concat"]
     + [{"head": h} for h in HEADS if h != "plain"]
-    + [{"scales": [1.0, 0.75, 0.5]}, {"scales": [1.0, 0.5], "scale_fusion": "average"}, {"scales": [1.0, 0.5], "scale_fusion": "max"}]
+    + [
+        {"scales": [1.0, 0.75, 0.5]},
+        {"scales": [1.0, 0.5], "scale_fusion": "average"},
+        {"scales": [1.0, 0.5], "scale_fusion": "max"},
+    ]
     + [{"bottleneck": "dual", "decoder_fusion": "gau", "head": "reverse_attention"}]
 )
 
@@ -106,7 +131,9 @@ def test_network_variant_contract(variant):
     x = torch.randn(2, 1, 33, 35, 32)
     out = net(x)
     assert isinstance(out, dict) and out["logits"][0].shape == (2, K, 33, 35, 32)
-    loss = SegmentationLoss(K, deep_supervision_weights=[1.0, 0.5, 0.25])(out, torch.randint(0, K, (2, 1, 33, 35, 32)))
+    loss = SegmentationLoss(K, deep_supervision_weights=[1.0, 0.5, 0.25])(
+        out, torch.randint(0, K, (2, 1, 33, 35, 32))
+    )
     assert torch.isfinite(loss)
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]

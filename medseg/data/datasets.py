@@ -64,4 +64,6 @@ def split_cases(
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(cases) * val_fraction)) if val_fraction > 0 and len(cases) > 1 else 0
     val_idx = set(order[:n_val])
-    return [c for i, c in enumerate(cases) if i not in val_idx], [c for i, c in enumerate(cases) if i in val_idx]
+    return [c for i, c in enumerate(cases) if i not in val_idx], [
+        c for i, c in enumerate(cases) if i in val_idx
+    ]

@@ -20,7 +20,7 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
 def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int = 0) -> dict:
     """Spacings (in RAS axis order) and foreground HU statistics of the training cases."""
     rng = np.random.default_rng(seed)
-    spacings, samples = [], []
+    spacings, samples, counts = [], [], np.zeros(0, dtype=np.int64)
     for case in cases:
         img = nib.load(case["image"])
         ornt = nib.orientations.io_orientation(img.affine)
@@ -28,13 +28,19 @@ def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int 
         spacings.append([float(sp[int(np.argwhere(ornt[:, 0] == ax)[0, 0])]) for ax in range(3)])
         if "label" in case:
             data = np.asanyarray(img.dataobj)
-            fg = data[np.asanyarray(nib.load(case["label"]).dataobj) > 0]
+            label = np.asanyarray(nib.load(case["label"]).dataobj).astype(np.int64)
+            bins = np.bincount(label.ravel())
+            counts = np.pad(counts, (0, max(0, len(bins) - len(counts)))) + np.pad(
+                bins, (0, max(0, len(counts) - len(bins)))
+            )
+            fg = data[label > 0]
             if fg.size:
                 samples.append(rng.choice(fg, size=min(fg.size, max_voxels_per_case), replace=False))
     values = np.concatenate(samples).astype(np.float64) if samples else np.zeros(1)
     return {
         "spacings": spacings,
         "median_spacing": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
+        "class_fractions": [float(c) for c in counts / max(counts.sum(), 1)],
         "foreground": {
             "p00_5": float(np.percentile(values, 0.5)),
             "p99_5": float(np.percentile(values, 99.5)),
@@ -55,7 +61,13 @@ def make_plan(cfg: dict, cases: list[dict], label_names: dict[str, int]) -> dict
         intensity = {"mode": "window", "a_min": lo, "a_max": hi}
     elif mode == "zscore":
         fg = fp["foreground"]
-        intensity = {"mode": "zscore", "a_min": fg["p00_5"], "a_max": fg["p99_5"], "mean": fg["mean"], "std": fg["std"]}
+        intensity = {
+            "mode": "zscore",
+            "a_min": fg["p00_5"],
+            "a_max": fg["p99_5"],
+            "mean": fg["mean"],
+            "std": fg["std"],
+        }
     else:
         raise ValueError(f"preprocess.intensity.mode must be 'window' or 'zscore', got {mode!r}")
     return {
@@ -66,5 +78,9 @@ def make_plan(cfg: dict, cases: list[dict], label_names: dict[str, int]) -> dict
         "patch_size": [int(p) for p in cfg["augment"]["patch_size"]],
         "labels": dict(label_names),
         "in_channels": 1,
-        "fingerprint": {"median_spacing": fp["median_spacing"], "foreground": fp["foreground"]},
+        "fingerprint": {
+            "median_spacing": fp["median_spacing"],
+            "foreground": fp["foreground"],
+            "class_fractions": fp["class_fractions"],
+        },
     }

@@ -49,7 +49,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not a medseg checkpoint (missing format tag {FORMAT!r})")
     if int(ckpt.get("version", -1)) > VERSION:
-        raise InputError(f"{path}: checkpoint version {ckpt['version']} is newer than this medseg ({VERSION})")
+        raise InputError(
+            f"{path}: checkpoint version {ckpt['version']} is newer than this medseg ({VERSION})"
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise InputError(f"{path}: medseg checkpoint misses {missing}")

@@ -40,7 +40,7 @@ from medseg.transforms import train_transforms, val_transforms
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - MONAI and third-party code draw from the global RNG
     torch.manual_seed(seed)
 
 
@@ -51,12 +51,42 @@ def build_optimizer(cfg: dict, model: torch.nn.Module, total_iters: int):
         opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
     elif o["name"] == "sgd":
         opt = torch.optim.SGD(
-            model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=True, weight_decay=o["weight_decay"]
+            model.parameters(),
+            lr=o["lr"],
+            momentum=o["momentum"],
+            nesterov=True,
+            weight_decay=o["weight_decay"],
         )
     else:
         raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total_iters, 1), power=o["poly_power"])
     return opt, sched
+
+
+def init_class_prior(model: torch.nn.Module, fractions: list[float], num_classes: int) -> int:
+    """Set the bias of every 1×1×1 output head to log(class voxel fraction); return how many were set.
+
+    The prior initialisation of Lin et al. 2017 (Focal Loss, Sec. 4.1): the network starts from the class
+    frequencies instead of a uniform softmax, so early iterations do not spend themselves suppressing the
+    small classes everywhere. Heads other than a plain convolution (reverse attention) are left alone.
+    """
+    if len(fractions) < num_classes:
+        return 0
+    prior = torch.log(torch.tensor(fractions[:num_classes]).clamp_min(1e-5))
+    n = 0
+    for name, module in model.named_modules():
+        leaf = name.split(".")[-1]
+        is_head = leaf == "head" or name.split(".")[-2:-1] == ["ds_heads"]
+        if (
+            is_head
+            and isinstance(module, torch.nn.Conv3d)
+            and module.out_channels == num_classes
+            and module.bias is not None
+        ):
+            with torch.no_grad():
+                module.bias.copy_(prior)
+            n += 1
+    return n
 
 
 def _infinite(loader: DataLoader):
@@ -73,7 +103,9 @@ def validate(model, val_ds, cfg: dict, plan: dict, device: torch.device) -> dict
     per_label: dict[str, list[float]] = {name: [] for name in labels}
     for item in val_ds:
         image = torch.as_tensor(item["image"])[None].to(device)
-        logits = sliding_window_logits(model, image, roi, infer["overlap"], infer["sw_batch_size"], infer["mode"], cfg["train"]["amp"])
+        logits = sliding_window_logits(
+            model, image, roi, infer["overlap"], infer["sw_batch_size"], infer["mode"], cfg["train"]["amp"]
+        )
         pred = logits.argmax(1)[0].cpu().numpy()
         ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)
         scores = dice_per_label(pred, ref, list(labels.values()))
@@ -85,7 +117,7 @@ def validate(model, val_ds, cfg: dict, plan: dict, device: torch.device) -> dict
 
 
 def _rng_state() -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002
     return {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -96,7 +128,7 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))  # noqa: NPY002
     random.setstate((3, tuple(state["python"]), None))
 
 
@@ -114,7 +146,9 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     meta = read_dataset_json(root)
     names = label_names(meta)
     cases = training_cases(root)
-    train_cases, val_cases = split_cases(cases, cfg["data"]["val_fraction"], int(tcfg["seed"]), cfg["data"]["val_cases"])
+    train_cases, val_cases = split_cases(
+        cases, cfg["data"]["val_fraction"], int(tcfg["seed"]), cfg["data"]["val_cases"]
+    )
 
     ckpt = load_checkpoint(out / "last.pt") if resume else None
     plan = ckpt["plan"] if ckpt else make_plan(cfg, train_cases, names)
@@ -122,7 +156,9 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))
 
     num_classes = len(names)
-    model = build_network(cfg["model"], plan["in_channels"], num_classes).to(device)
+    model = build_network(cfg["model"], plan["in_channels"], num_classes)
+    init_class_prior(model, plan.get("fingerprint", {}).get("class_fractions", []), num_classes)
+    model = model.to(device)
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = int(tcfg["epochs"]), int(tcfg["iters_per_epoch"])
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
@@ -142,15 +178,30 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
 
     dcfg = cfg["data"]
     train_tf = train_transforms(plan, cfg["augment"])
-    train_ds = CacheDataset(train_cases, train_tf, cache_rate=dcfg["cache_rate"], num_workers=None, progress=False)
-    val_ds = CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg["cache_rate"], progress=False) if val_cases else Dataset([], None)
-    log(f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}")
+    train_ds = CacheDataset(
+        train_cases, train_tf, cache_rate=dcfg["cache_rate"], num_workers=None, progress=False
+    )
+    val_ds = (
+        CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg["cache_rate"], progress=False)
+        if val_cases
+        else Dataset([], None)
+    )
+    log(
+        f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
+    )
 
     def state(epoch: int) -> dict:
         return {
-            "model": model.state_dict(), "config": cfg, "plan": plan, "labels": plan["labels"],
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "best_metric": best, "rng": _rng_state(),
+            "model": model.state_dict(),
+            "config": cfg,
+            "plan": plan,
+            "labels": plan["labels"],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "best_metric": best,
+            "rng": _rng_state(),
         }
 
     t_start = time.monotonic()
@@ -159,8 +210,12 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
         train_tf.set_random_state(seed=epoch_seed % 2**32)
         generator = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
-            train_ds, batch_size=int(tcfg["batch_size"]), shuffle=True, generator=generator,
-            num_workers=int(dcfg["num_workers"]), collate_fn=list_data_collate,
+            train_ds,
+            batch_size=int(tcfg["batch_size"]),
+            shuffle=True,
+            generator=generator,
+            num_workers=int(dcfg["num_workers"]),
+            collate_fn=list_data_collate,
         )
         model.train()
         t0, losses = time.monotonic(), []
@@ -181,17 +236,28 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
             losses.append(float(loss.detach()))
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         last_epoch = epoch == epochs - 1
-        out_of_time = tcfg["max_minutes"] is not None and (time.monotonic() - t_start) / 60 > float(tcfg["max_minutes"])
+        out_of_time = tcfg["max_minutes"] is not None and (time.monotonic() - t_start) / 60 > float(
+            tcfg["max_minutes"]
+        )
         if len(val_cases) and ((epoch + 1) % int(tcfg["val_every"]) == 0 or last_epoch or out_of_time):
             scores = validate(model, val_ds, cfg, plan, device)
-            row.update({"val_dice": scores["mean"], **{f"val_dice_{k}": v for k, v in scores.items() if k != "mean"}})
+            row.update(
+                {"val_dice": scores["mean"], **{f"val_dice_{k}": v for k, v in scores.items() if k != "mean"}}
+            )
             if scores["mean"] > best:
                 best = scores["mean"]
                 save_checkpoint(state(epoch), out / "best.pt")
-            log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, validation mean Dice {scores['mean']:.4f} (best {best:.4f})")
         row["seconds"] = time.monotonic() - t0
+        val_text = (
+            f", validation mean Dice {row['val_dice']:.4f} (best {best:.4f})" if "val_dice" in row else ""
+        )
+        log(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} ({row['seconds']:.0f} s){val_text}")
         save_checkpoint(state(epoch), out / "last.pt")
         append_metrics(out / "metrics.csv", row)
         plot_curves(out / "metrics.csv", out / "curves.png")
@@ -208,4 +274,6 @@ def _progress(iterable, enabled: bool, desc: str):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(
+        iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None
+    )  # None: off when not a TTY

@@ -75,13 +75,17 @@ class Predictor:
     def preprocess(self, reference: nib.Nifti1Image) -> MetaTensor:
         """Channel-first model-space image (MetaTensor with the model-space affine)."""
         data = np.asarray(reference.dataobj, dtype=np.float32)[None]
-        image = MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(reference.affine, dtype=torch.float64))
+        image = MetaTensor(
+            torch.from_numpy(data), affine=torch.as_tensor(reference.affine, dtype=torch.float64)
+        )
         return self.transforms({"image": image})["image"]
 
     def probabilities(self, image: MetaTensor) -> torch.Tensor:
         """Softmax probabilities ``(K, ...)`` on the model-space grid."""
         batch = image.as_tensor()[None].to(self.device)
-        logits = sliding_window_logits(self.model, batch, self.roi_size, self.overlap, self.sw_batch_size, self.mode)
+        logits = sliding_window_logits(
+            self.model, batch, self.roi_size, self.overlap, self.sw_batch_size, self.mode
+        )
         return torch.softmax(logits[0], dim=0).cpu()
 
     def predict(self, path: str | os.PathLike) -> Prediction:

@@ -46,7 +46,13 @@ def sliding_window_logits(
     use_amp = amp and image.device.type == "cuda"
     with torch.autocast(device_type=image.device.type, enabled=use_amp):
         out = sliding_window_inference(
-            torch.as_tensor(image), roi, sw_batch_size, model, overlap=overlap, mode=mode, padding_mode="constant"
+            torch.as_tensor(image),
+            roi,
+            sw_batch_size,
+            model,
+            overlap=overlap,
+            mode=mode,
+            padding_mode="constant",
         )
     return torch.as_tensor(out).float()
 
@@ -63,8 +69,12 @@ def resample_to_reference(
     Voxels of the destination outside the source grid get 0. Used with probabilities (bilinear) before the
     argmax, so class boundaries are interpolated, not nearest-neighbour staircases.
     """
-    src = MetaTensor(torch.as_tensor(values).float(), affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
+    src = MetaTensor(
+        torch.as_tensor(values).float(), affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64)
+    )
     out = SpatialResample(mode=mode, padding_mode="zeros", align_corners=False, dtype=torch.float64)(
-        src, dst_affine=torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64), spatial_size=tuple(int(s) for s in dst_shape)
+        src,
+        dst_affine=torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64),
+        spatial_size=tuple(int(s) for s in dst_shape),
     )
     return torch.as_tensor(out).float()

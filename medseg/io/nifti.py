@@ -18,6 +18,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 class InputError(ValueError):
     """A user-supplied file cannot be used; the message names the file and the cause (one line)."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
 
 def case_name(path: str | os.PathLike) -> str:
     """File name without ``.nii.gz`` / ``.nii``: ``/a/liver_001.nii.gz`` → ``liver_001``."""

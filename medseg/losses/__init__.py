@@ -42,7 +42,9 @@ class SegmentationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
+        self.dice_ce = DiceCELoss(
+            to_onehot_y=True, softmax=True, batch=True, lambda_dice=dice_weight, lambda_ce=ce_weight
+        )
         self.ds_weights = list(deep_supervision_weights or [1.0])
         self.aux_weight = aux_weight
         self.se_weight = se_weight
@@ -63,7 +65,11 @@ class SegmentationLoss(nn.Module):
                     aux, presence_targets(target, self.num_classes)
                 )
             else:
-                small = target if aux.shape[2:] == target.shape[2:] else F.interpolate(target, size=aux.shape[2:], mode="nearest")
+                small = (
+                    target
+                    if aux.shape[2:] == target.shape[2:]
+                    else F.interpolate(target, size=aux.shape[2:], mode="nearest-exact")
+                )
                 loss = loss + self.aux_weight * self.dice_ce(aux, small)
         return loss
 

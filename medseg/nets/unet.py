@@ -129,7 +129,9 @@ class UNet3D(nn.Module):
         )
         self.head = head(filters[0], num_classes, norm) if head else nn.Conv3d(filters[0], num_classes, 1)
         self.ds_heads = nn.ModuleList(
-            [nn.Conv3d(filters[lvl], num_classes, 1) for lvl in range(1, depth - 1)] if deep_supervision else []
+            [nn.Conv3d(filters[lvl], num_classes, 1) for lvl in range(1, depth - 1)]
+            if deep_supervision
+            else []
         )
 
     def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list, dict]:

@@ -34,10 +34,16 @@ def intensity_transforms(plan: dict, key: str = "image") -> list:
     """CT intensity normalisation from the plan (see module docstring)."""
     it = plan["intensity"]
     if it["mode"] == "window":
-        return [mt.ScaleIntensityRanged(key, a_min=it["a_min"], a_max=it["a_max"], b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            mt.ScaleIntensityRanged(
+                key, a_min=it["a_min"], a_max=it["a_max"], b_min=0.0, b_max=1.0, clip=True
+            )
+        ]
     if it["mode"] == "zscore":
         return [
-            mt.ScaleIntensityRanged(key, a_min=it["a_min"], a_max=it["a_max"], b_min=it["a_min"], b_max=it["a_max"], clip=True),
+            mt.ScaleIntensityRanged(
+                key, a_min=it["a_min"], a_max=it["a_max"], b_min=it["a_min"], b_max=it["a_max"], clip=True
+            ),
             mt.NormalizeIntensityd(key, subtrahend=it["mean"], divisor=max(it["std"], 1e-6)),
         ]
     raise ValueError(f"unknown intensity mode {it['mode']!r}; valid: window, zscore")
@@ -51,15 +57,23 @@ def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) ->
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps = [mt.LoadImaged(keys, reader="NibabelReader", image_only=True), mt.EnsureChannelFirstd(keys)] if load else []
+    steps = (
+        [mt.LoadImaged(keys, reader="NibabelReader", image_only=True), mt.EnsureChannelFirstd(keys)]
+        if load
+        else []
+    )
     steps += [
         mt.Orientationd(keys, axcodes=plan["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys, pixdim=plan["spacing"], mode=modes),
     ]
     if plan.get("crop_foreground", True):
-        steps.append(mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True))
+        steps.append(
+            mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True)
+        )
     steps += intensity_transforms(plan)
-    steps.append(mt.EnsureTyped(keys, dtype=(np.float32, np.uint8) if with_label else np.float32, track_meta=True))
+    steps.append(
+        mt.EnsureTyped(keys, dtype=(np.float32, np.uint8) if with_label else np.float32, track_meta=True)
+    )
     return steps
 
 
@@ -74,19 +88,31 @@ def train_transforms(plan: dict, augment: dict) -> mt.Compose:
     steps = deterministic_transforms(plan, with_label=True) + [
         mt.SpatialPadd(keys, spatial_size=patch),
         mt.RandCropByPosNegLabeld(
-            keys, label_key="label", spatial_size=patch, pos=pos, neg=neg,
-            num_samples=int(augment["samples_per_volume"]), image_key="image", allow_smaller=False,
+            keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=pos,
+            neg=neg,
+            num_samples=int(augment["samples_per_volume"]),
+            image_key="image",
+            allow_smaller=False,
         ),
     ]
     if augment["affine_prob"] > 0:
         steps.append(
             mt.RandAffined(
-                keys, prob=float(augment["affine_prob"]), rotate_range=(rot, rot, rot),
-                scale_range=(scale, scale, scale), mode=("bilinear", "nearest"), padding_mode="border",
+                keys,
+                prob=float(augment["affine_prob"]),
+                rotate_range=(rot, rot, rot),
+                scale_range=(scale, scale, scale),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
             )
         )
     if augment["flip_prob"] > 0:
-        steps += [mt.RandFlipd(keys, prob=float(augment["flip_prob"]), spatial_axis=axis) for axis in range(3)]
+        steps += [
+            mt.RandFlipd(keys, prob=float(augment["flip_prob"]), spatial_axis=axis) for axis in range(3)
+        ]
     if p_int > 0:
         steps += [
             mt.RandScaleIntensityd("image", factors=0.1, prob=p_int),

@@ -55,7 +55,9 @@ class GridAttentionGate3D(nn.Module):
         self.theta = nn.Conv3d(in_channels, inter, kernel_size=sub_sample, stride=sub_sample, bias=False)
         self.phi = nn.Conv3d(gating_channels, inter, kernel_size=1, bias=True)
         self.psi = nn.Conv3d(inter, 1, kernel_size=1, bias=True)
-        self.W = nn.Sequential(nn.Conv3d(in_channels, in_channels, kernel_size=1), get_norm(norm, in_channels))
+        self.W = nn.Sequential(
+            nn.Conv3d(in_channels, in_channels, kernel_size=1), get_norm(norm, in_channels)
+        )
 
     def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Attention coefficients α on the coarse (θ) grid, shape ``(B, 1, *θ(x).shape[2:])``."""

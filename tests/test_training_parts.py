@@ -1,0 +1,54 @@
+"""Training pieces: class-prior head initialisation, poly schedule, loss over auxiliary outputs, plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medseg.config import load_config
+from medseg.engine.trainer import build_optimizer, init_class_prior
+from medseg.losses import SegmentationLoss
+from medseg.nets import build_network
+
+
+def test_class_prior_sets_every_plain_head():
+    net = build_network({"filters": [4, 8, 16, 32]}, 1, 3)
+    assert init_class_prior(net, [0.9, 0.09, 0.01], 3) == 3  # final head + 2 deep-supervision heads
+    assert torch.allclose(net.head.bias, torch.log(torch.tensor([0.9, 0.09, 0.01])))
+    assert init_class_prior(net, [], 3) == 0
+
+
+def test_poly_schedule_reaches_zero():
+    cfg = load_config(None, ["optim.lr=0.01", "optim.poly_power=0.9"])
+    opt, sched = build_optimizer(cfg, torch.nn.Linear(2, 2), total_iters=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[5] == pytest.approx(0.01 * (1 - 5 / 10) ** 0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_loss_counts_every_output_with_its_weight():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    main = torch.randn(2, 3, 8, 8, 8)
+    coarse = torch.randn(2, 3, 4, 4, 4)
+    aux = torch.randn(2, 3, 8, 8, 8)
+    presence = torch.randn(2, 3)
+    loss = SegmentationLoss(3, deep_supervision_weights=[1.0, 0.5], aux_weight=0.4, se_weight=0.2)
+    only_main = loss({"logits": [main], "aux": {}}, target)
+    with_ds = loss({"logits": [main, coarse], "aux": {}}, target)
+    full = loss({"logits": [main, coarse], "aux": {"x": aux, "se_presence": presence}}, target)
+    small = torch.nn.functional.interpolate(target.float(), size=(4, 4, 4), mode="nearest-exact")
+    assert float(with_ds - only_main) == pytest.approx(0.5 * float(loss.dice_ce(coarse, small)), rel=1e-5)
+    present = torch.stack([(target[b] == k).any() for b in range(2) for k in range(3)]).float().view(2, 3)
+    expected = 0.4 * float(loss.dice_ce(aux, target.float())) + 0.2 * float(
+        torch.nn.functional.binary_cross_entropy_with_logits(presence, present)
+    )
+    assert float(full - with_ds) == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(float(full))
