@@ -60,16 +60,17 @@ torch.set_num_threads(int(sys.argv[3]))
 cfg = json.loads(sys.argv[1]); size = int(sys.argv[2]); repeats = int(sys.argv[4])
 net = build_network(cfg, 1, int(sys.argv[5])).eval()
 x = torch.randn(1, 1, size, size, size)
-from torch.utils.flop_counter import FlopCounterMode
 with torch.no_grad():
-    with FlopCounterMode(display=False) as fc:
-        net(x)
+    net(torch.randn(1, 1, 32, 32, 32))  # import-time and allocator warm-up on a small input
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         t = time.perf_counter(); net(x); times.append(time.perf_counter() - t)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"gflops": fc.get_total_flops() / 1e9, "ms": 1000 * statistics.median(times),
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        net(x)
+print(json.dumps({"gflops": fc.get_total_flops() / 1e9, "ms": 1000 * statistics.median(times[1:]),
                   "peak_mb": (after - before) / 1024, "params": sum(p.numel() for p in net.parameters())}))
 """
 
@@ -79,8 +80,9 @@ def measure_cost(
 ) -> dict:
     """Parameters, GFLOPs, CPU ms and peak-RSS growth of one ``size``³ forward, in a fresh process.
 
-    The FLOP-counting pass doubles as the warm-up, so the RSS baseline already holds the weights and the
-    allocator's first arena; the reported peak is the extra memory of a forward pass.
+    The RSS baseline is taken after a warm-up forward on a 32³ input (weights, imports and the allocator's
+    first arena are in it); the reported peak is the extra memory of the ``size``³ forward passes. The first
+    ``size``³ pass is not timed.
     """
     args = [
         sys.executable,
@@ -111,7 +113,7 @@ def run_ablation(
     from medseg.data.datasets import label_names, read_dataset_json
     from medseg.data.phantoms import write_msd_dataset
     from medseg.engine import train
-    from pipelines.evaluate import run_evaluation
+    from pipelines.evaluate import evaluate_held_out, summary_table
     from pipelines.segment import run_segment
 
     out = Path(out)
@@ -119,7 +121,6 @@ def run_ablation(
     if not (data / "dataset.json").exists():
         write_msd_dataset(data, train_cases, test_cases, shape=shape, seed=2027)
     names = label_names(read_dataset_json(data))
-    organs = sorted(v for v in names.values() if v > 0)
     rows = []
     for name in variants or DEFAULT_VARIANTS:
         if name not in VARIANTS:
@@ -137,15 +138,8 @@ def run_ablation(
         train(cfg, log=lambda *_: None)
         train_s = time.monotonic() - t0
         run_segment(data / "imagesTs", run / "pred", run / "best.pt", device="cpu", log=lambda *_: None)
-        summary = run_evaluation(
-            run / "pred",
-            data / "labelsTs",
-            run / "metrics.csv",
-            labels=organs,
-            label_names=data / "dataset.json",
-            progress=False,
-        )
-        dice = {entry["name"]: float(entry["dice"]["mean"]) for entry in summary["labels"].values()}
+        table = summary_table(evaluate_held_out(run / "pred", data, run / "metrics.csv"))
+        dice = {name: r["dice"] for name, r in table.items()}
         cost = measure_cost(cfg["model"], len(names), size=cost_size)
         row = {
             "variant": name,
@@ -163,6 +157,30 @@ def run_ablation(
             f"{row['params_M']:.2f} M  {row['gflops_96']:.1f} GFLOPs  {row['cpu_ms_96']:.0f} ms  {row['peak_mb_96']:.0f} MB"
         )
         _write_tables(out, rows)
+    return rows
+
+
+def remeasure_costs(out: Path, cost_size: int = 96, log=print) -> list[dict]:
+    """Re-measure the cost columns of an existing ``ablation.csv`` (e.g. on a quiet machine) and rewrite it."""
+    import yaml
+
+    with (Path(out) / "ablation.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        cfg = yaml.safe_load((Path(out) / "runs" / row["variant"] / "config.yaml").read_text())
+        num_classes = sum(1 for k in row if k.startswith("dice_") and k != "dice_mean") + 1
+        cost = measure_cost(cfg["model"], num_classes, size=cost_size)
+        row.update(
+            gflops_96=cost["gflops"],
+            cpu_ms_96=cost["ms"],
+            peak_mb_96=cost["peak_mb"],
+            params_M=cost["params"] / 1e6,
+        )
+        log(
+            f"{row['variant']:<16} {cost['gflops']:.1f} GFLOPs  {cost['ms']:.0f} ms  {cost['peak_mb']:.0f} MB"
+        )
+    rows = [{k: (float(v) if k != "variant" else v) for k, v in r.items()} for r in rows]
+    _write_tables(Path(out), rows)
     return rows
 
 

@@ -136,11 +136,18 @@ def ablate(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Extra config override for every variant.")
     ] = None,
+    costs_only: Annotated[
+        bool, typer.Option(help="Only re-measure FLOPs/time/memory of an existing table.")
+    ] = False,
 ) -> None:
     """Train every attention variant on the same phantoms with the same budget; write ablation.md/.csv."""
     _quiet()
-    from pipelines.ablation import run_ablation
+    from pipelines.ablation import remeasure_costs, run_ablation
 
+    if costs_only:
+        remeasure_costs(out, log=typer.echo)
+        typer.echo(f"table: {out / 'ablation.md'}")
+        return
     chosen = [v.strip() for v in variants.split(",")] if variants else None
     try:
         run_ablation(out, chosen, extra_overrides=set_ or [], log=typer.echo)

@@ -36,7 +36,7 @@ def run_demo(out: Path, cases: int | None = None, epochs: int | None = None, log
     from medseg.config import load_config
     from medseg.data.phantoms import write_msd_dataset
     from medseg.engine import train
-    from pipelines.evaluate import run_evaluation
+    from pipelines.evaluate import evaluate_held_out, summary_table
     from pipelines.segment import run_segment
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -63,18 +63,10 @@ def run_demo(out: Path, cases: int | None = None, epochs: int | None = None, log
     t_seg = time.monotonic()
 
     log("[4/4] evaluating against the held-out labels")
-    organs = sorted(v for v in cfg_labels(data).values() if v > 0)
-    summary = run_evaluation(
-        out / "pred",
-        data / "labelsTs",
-        out / "metrics.csv",
-        labels=organs,
-        label_names=data / "dataset.json",
-        progress=False,
-    )
+    summary = evaluate_held_out(out / "pred", data, out / "metrics.csv")
     t_eval = time.monotonic()
 
-    table = _table(summary)
+    table = summary_table(summary)
     dice = {name: row["dice"] for name, row in table.items()}
     organ_mean = sum(dice.values()) / len(dice)
     seconds = time.monotonic() - t0
@@ -97,21 +89,3 @@ def run_demo(out: Path, cases: int | None = None, epochs: int | None = None, log
     result = {"dice": dice, "mean_organ_dice": organ_mean, "failed": list(report.failed), "seconds": seconds}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def cfg_labels(data: Path) -> dict[str, int]:
-    from medseg.data.datasets import label_names, read_dataset_json
-
-    return label_names(read_dataset_json(data))
-
-
-def _table(summary: dict) -> dict[str, dict[str, float]]:
-    """Mean Dice, HD95 (worst-case mean: a miss counts as the image diagonal) and NSD per structure."""
-    return {
-        entry["name"]: {
-            "dice": float(entry["dice"]["mean"]),
-            "hd95": float(entry["hd95"].get("worst_mean", entry["hd95"]["mean"])),
-            "nsd": float(entry["nsd"]["mean"]),
-        }
-        for entry in summary["labels"].values()
-    }

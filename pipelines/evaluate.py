@@ -33,22 +33,22 @@ from typing import Annotated
 import typer
 
 from medseg.io import atomic_write_text, case_name, is_nifti
+from medseg.metrics import METRIC_KEYS
 
-__all__ = ["CSV_COLUMNS", "evaluate_command", "load_label_names", "run_evaluation"]
+__all__ = [
+    "CSV_COLUMNS",
+    "evaluate_command",
+    "evaluate_held_out",
+    "load_label_names",
+    "run_evaluation",
+    "summary_table",
+]
 
 CSV_COLUMNS = (
     "case",
     "label",
     "name",
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "hd95",
-    "assd",
-    "nsd",
-    "vol_pred_ml",
-    "vol_ref_ml",
+    *(k for k in METRIC_KEYS if k not in ("vol_diff_ml", "asd_pred_to_ref", "asd_ref_to_pred")),
 )
 PLOT_METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "nsd")
 
@@ -330,6 +330,33 @@ def run_evaluation(
     if rows:
         summary["plots"] = [str(p) for p in _box_plots(stem, rows, names)]
     return summary
+
+
+def evaluate_held_out(pred_dir: Path, data_root: Path, output: Path) -> dict:
+    """Evaluate predictions of an MSD dataset's held-out cases (``labelsTs/``) on every organ label."""
+    from medseg.data.datasets import label_names, read_dataset_json
+
+    organs = sorted(v for v in label_names(read_dataset_json(data_root)).values() if v > 0)
+    return run_evaluation(
+        pred_dir,
+        data_root / "labelsTs",
+        output,
+        labels=organs,
+        label_names=data_root / "dataset.json",
+        progress=False,
+    )
+
+
+def summary_table(summary: dict) -> dict[str, dict[str, float]]:
+    """Per structure name: mean Dice, NSD and HD95 (worst-case mean: a miss counts as the image diagonal)."""
+    return {
+        entry["name"]: {
+            "dice": float(entry["dice"]["mean"]),
+            "hd95": float(entry["hd95"].get("worst_mean", entry["hd95"]["mean"])),
+            "nsd": float(entry["nsd"]["mean"]),
+        }
+        for entry in summary["labels"].values()
+    }
 
 
 def _parse_labels(text: str | None) -> list[int] | None:

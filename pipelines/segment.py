@@ -56,6 +56,10 @@ def run_segment(
     from medseg.inference import Predictor
 
     inputs = list_inputs(Path(input_path))
+    if Path(input_path).is_dir() and is_nifti(output):
+        raise InputError(
+            f"{output}: input {input_path} is a folder, so the output must be a folder, not a NIfTI file"
+        )
     predictor = Predictor(checkpoint, device=device, overlap=overlap, sw_batch_size=sw_batch_size)
     report = SegmentReport()
     single = len(inputs) == 1 and not Path(input_path).is_dir()

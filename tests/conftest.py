@@ -28,6 +28,15 @@ TINY_TRAIN = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny inputs: with one thread no time goes into OpenMP synchronisation (dominant on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """4 training + 2 test phantoms, 48×48×24 voxels (RAS and LPS both occur)."""

@@ -122,3 +122,21 @@ def test_interrupted_write_leaves_nothing(tmp_path, bad_files, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_like(np.zeros(ref.shape, np.uint8), ref, dst)
     assert list(tmp_path.glob("mask*")) == [] and list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_folder_input_needs_folder_output(tiny_dataset, tmp_path):
+    result = runner.invoke(
+        app, ["segment", "-i", str(tiny_dataset / "imagesTs"), "-o", str(tmp_path / "x.nii.gz"), "-m", "unused.pt"]
+    )
+    assert result.exit_code == 2 and "must be a folder" in result.output
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    from medseg.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -22,13 +22,7 @@ from medseg.nets.blocks.danet import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny inputs: with one thread no time goes into OpenMP synchronisation (dominant on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_all_grads(module: nn.Module) -> None:

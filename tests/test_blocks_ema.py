@@ -7,14 +7,7 @@ import torch
 
 from medseg.nets.blocks.ema import EMAUnit3D
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny inputs: with one thread no time goes into OpenMP synchronisation (dominant on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _column_norms(mu: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,7 @@ from medseg.nets.blocks.psa import (
 GRID = (3, 4, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny inputs: with one thread no time goes into OpenMP synchronisation (dominant on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _positions(grid):
