@@ -61,7 +61,7 @@ cfg = json.loads(sys.argv[1]); size = int(sys.argv[2]); repeats = int(sys.argv[4
 net = build_network(cfg, 1, int(sys.argv[5])).eval()
 x = torch.randn(1, 1, size, size, size)
 with torch.no_grad():
-    net(torch.randn(1, 1, 32, 32, 32))  # import-time and allocator warm-up on a small input
+    net(torch.randn(1, 1, 64, 64, 64))  # import-time and allocator warm-up on a smaller input
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats + 1):
@@ -80,7 +80,7 @@ def measure_cost(
 ) -> dict:
     """Parameters, GFLOPs, CPU ms and peak-RSS growth of one ``size``³ forward, in a fresh process.
 
-    The RSS baseline is taken after a warm-up forward on a 32³ input (weights, imports and the allocator's
+    The RSS baseline is taken after a warm-up forward on a 64³ input (weights, imports and the allocator's
     first arena are in it); the reported peak is the extra memory of the ``size``³ forward passes. The first
     ``size``³ pass is not timed.
     """
@@ -121,6 +121,7 @@ def run_ablation(
     if not (data / "dataset.json").exists():
         write_msd_dataset(data, train_cases, test_cases, shape=shape, seed=2027)
     names = label_names(read_dataset_json(data))
+    done = {r["variant"]: r for r in _read_rows(out)}  # a partial or earlier run: re-run rows are replaced
     rows = []
     for name in variants or DEFAULT_VARIANTS:
         if name not in VARIANTS:
@@ -138,7 +139,7 @@ def run_ablation(
         train(cfg, log=lambda *_: None)
         train_s = time.monotonic() - t0
         run_segment(data / "imagesTs", run / "pred", run / "best.pt", device="cpu", log=lambda *_: None)
-        table = summary_table(evaluate_held_out(run / "pred", data, run / "metrics.csv"))
+        table = summary_table(evaluate_held_out(run / "pred", data, run / "eval.csv"))
         dice = {name: r["dice"] for name, r in table.items()}
         cost = measure_cost(cfg["model"], len(names), size=cost_size)
         row = {
@@ -152,20 +153,28 @@ def run_ablation(
             "train_s": train_s,
         }
         rows.append(row)
+        done[name] = row
         log(
             f"{name:<16} mean Dice {row['dice_mean']:.3f}  pancreas {dice.get('pancreas', float('nan')):.3f}  "
             f"{row['params_M']:.2f} M  {row['gflops_96']:.1f} GFLOPs  {row['cpu_ms_96']:.0f} ms  {row['peak_mb_96']:.0f} MB"
         )
-        _write_tables(out, rows)
+        _write_tables(out, [done[v] for v in VARIANTS if v in done])
     return rows
+
+
+def _read_rows(out: Path) -> list[dict]:
+    path = Path(out) / "ablation.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: (v if k == "variant" else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def remeasure_costs(out: Path, cost_size: int = 96, log=print) -> list[dict]:
     """Re-measure the cost columns of an existing ``ablation.csv`` (e.g. on a quiet machine) and rewrite it."""
     import yaml
 
-    with (Path(out) / "ablation.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read_rows(out)
     for row in rows:
         cfg = yaml.safe_load((Path(out) / "runs" / row["variant"] / "config.yaml").read_text())
         num_classes = sum(1 for k in row if k.startswith("dice_") and k != "dice_mean") + 1
@@ -179,7 +188,6 @@ def remeasure_costs(out: Path, cost_size: int = 96, log=print) -> list[dict]:
         log(
             f"{row['variant']:<16} {cost['gflops']:.1f} GFLOPs  {cost['ms']:.0f} ms  {cost['peak_mb']:.0f} MB"
         )
-    rows = [{k: (float(v) if k != "variant" else v) for k, v in r.items()} for r in rows]
     _write_tables(Path(out), rows)
     return rows
 

@@ -35,3 +35,17 @@ def test_tiny_ablation_writes_table(tmp_path):
     parsed = list(csv.DictReader((tmp_path / "ablation.csv").open()))
     assert float(parsed[1]["params_M"]) > float(parsed[0]["params_M"])  # PAM adds parameters and gates
     assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in parsed)
+
+
+def test_rerunning_one_variant_keeps_the_others(tmp_path):
+    kwargs = dict(
+        train_cases=3,
+        test_cases=1,
+        shape=(40, 40, 20),
+        cost_size=32,
+        log=lambda *_: None,
+        extra_overrides=[*TINY_TRAIN, "train.epochs=1", "train.val_every=1"],
+    )
+    run_ablation(tmp_path, ["unet", "ag+cam"], **kwargs)
+    run_ablation(tmp_path, ["unet"], **kwargs)
+    assert [r["variant"] for r in csv.DictReader((tmp_path / "ablation.csv").open())] == ["unet", "ag+cam"]

@@ -126,7 +126,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, bad_files, monkeypatch):
 
 def test_folder_input_needs_folder_output(tiny_dataset, tmp_path):
     result = runner.invoke(
-        app, ["segment", "-i", str(tiny_dataset / "imagesTs"), "-o", str(tmp_path / "x.nii.gz"), "-m", "unused.pt"]
+        app,
+        [
+            "segment",
+            "-i",
+            str(tiny_dataset / "imagesTs"),
+            "-o",
+            str(tmp_path / "x.nii.gz"),
+            "-m",
+            "unused.pt",
+        ],
     )
     assert result.exit_code == 2 and "must be a folder" in result.output
 

@@ -13,11 +13,23 @@ from medseg.losses import SegmentationLoss
 from medseg.nets import build_network
 
 
-def test_class_prior_sets_every_plain_head():
-    net = build_network({"filters": [4, 8, 16, 32]}, 1, 3)
-    assert init_class_prior(net, [0.9, 0.09, 0.01], 3) == 3  # final head + 2 deep-supervision heads
-    assert torch.allclose(net.head.bias, torch.log(torch.tensor([0.9, 0.09, 0.01])))
-    assert init_class_prior(net, [], 3) == 0
+@pytest.mark.parametrize(
+    "variant", [{}, {"head": "reverse_attention"}, {"scales": [1.0, 0.5]}], ids=["plain", "reverse", "scales"]
+)
+def test_class_prior_starts_every_head_at_the_class_frequencies(variant):
+    fractions = [0.9, 0.09, 0.01]
+    net = build_network({"filters": [4, 8, 16, 32], **variant}, 1, 3).eval()
+    assert init_class_prior(net, fractions, 3)
+    backbone = net.scale_attention.backbone if "scales" in variant else net
+    for head in backbone.ds_heads:
+        assert torch.allclose(head.bias, torch.log(torch.tensor(fractions)))
+    with torch.no_grad():  # zero the final features: the output is the bias alone → softmax = prior order
+        for p in net.parameters():
+            if p.ndim > 1:
+                p.zero_()
+        probs = torch.softmax(net(torch.randn(1, 1, 32, 32, 32)), 1)[0, :, 0, 0, 0]
+    assert probs.argmax() == 0 and probs.argmin() == 2
+    assert not init_class_prior(net, [], 3)
 
 
 def test_poly_schedule_reaches_zero():

@@ -63,30 +63,15 @@ def build_optimizer(cfg: dict, model: torch.nn.Module, total_iters: int):
     return opt, sched
 
 
-def init_class_prior(model: torch.nn.Module, fractions: list[float], num_classes: int) -> int:
-    """Set the bias of every 1×1×1 output head to log(class voxel fraction); return how many were set.
+def init_class_prior(model: torch.nn.Module, fractions: list[float], num_classes: int) -> bool:
+    """Initialise the model's output biases to log(class voxel fraction) when it supports it.
 
-    The prior initialisation of Lin et al. 2017 (Focal Loss, Sec. 4.1): the network starts from the class
-    frequencies instead of a uniform softmax, so early iterations do not spend themselves suppressing the
-    small classes everywhere. Heads other than a plain convolution (reverse attention) are left alone.
+    See :meth:`medseg.nets.unet.UNet3D.init_class_prior`; ``fractions`` come from the dataset fingerprint.
     """
-    if len(fractions) < num_classes:
-        return 0
-    prior = torch.log(torch.tensor(fractions[:num_classes]).clamp_min(1e-5))
-    n = 0
-    for name, module in model.named_modules():
-        leaf = name.split(".")[-1]
-        is_head = leaf == "head" or name.split(".")[-2:-1] == ["ds_heads"]
-        if (
-            is_head
-            and isinstance(module, torch.nn.Conv3d)
-            and module.out_channels == num_classes
-            and module.bias is not None
-        ):
-            with torch.no_grad():
-                module.bias.copy_(prior)
-            n += 1
-    return n
+    if len(fractions) < num_classes or not hasattr(model, "init_class_prior"):
+        return False
+    model.init_class_prior(torch.log(torch.tensor(fractions[:num_classes]).clamp_min(1e-5)))
+    return True
 
 
 def _infinite(loader: DataLoader):
@@ -151,6 +136,8 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     )
 
     ckpt = load_checkpoint(out / "last.pt") if resume else None
+    if not resume:  # a new run in an old folder starts a new history
+        (out / "metrics.csv").unlink(missing_ok=True)
     plan = ckpt["plan"] if ckpt else make_plan(cfg, train_cases, names)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))

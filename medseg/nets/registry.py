@@ -103,6 +103,10 @@ class MultiScaleNet(nn.Module):
             backbone, backbone.filters[0], backbone.num_classes, scales=tuple(scales), fusion=fusion
         )
 
+    def init_class_prior(self, log_prior):
+        """See :meth:`medseg.nets.unet.UNet3D.init_class_prior`."""
+        self.scale_attention.backbone.init_class_prior(log_prior)
+
     def forward(self, x, return_attention: bool = False):
         if not self.training:
             if return_attention:

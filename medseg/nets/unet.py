@@ -166,6 +166,22 @@ class UNet3D(nn.Module):
             aux.update(extra)
         return out
 
+    @torch.no_grad()
+    def init_class_prior(self, log_prior: torch.Tensor) -> None:
+        """Bias every output head towards the class prior, ``bias = log p(k)``.
+
+        The prior initialisation of Lin et al. 2017 (Focal Loss, Sec. 4.1): training starts from the class
+        frequencies instead of a uniform softmax, so the first iterations are not spent suppressing the
+        small classes everywhere — on the phantoms this is what lets the pancreas and kidneys appear within
+        a CPU-sized budget. Heads that are not a plain convolution provide their own ``init_class_prior``.
+        """
+        heads = [*self.ds_heads, self.head]
+        for head in heads:
+            if isinstance(head, nn.Conv3d):
+                head.bias.copy_(log_prior)
+            elif hasattr(head, "init_class_prior"):
+                head.init_class_prior(log_prior)
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-resolution logits and the penultimate (last decoder) feature map, for multi-scale wrappers."""
         feat, _, _, aux = self._decode(x)

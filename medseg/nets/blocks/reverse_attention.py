@@ -89,6 +89,15 @@ class ReverseAttentionHead3D(nn.Module):
         self.conv_org = _branch(in_channels, num_classes, norm)
         self.conv_rev = _branch(in_channels, num_classes, norm)
 
+    @torch.no_grad()
+    def init_class_prior(self, log_prior: torch.Tensor) -> None:
+        """Start from the class prior: ``P_org`` biased to log p(k) and the NEG-supervised ``−F_rev`` too.
+
+        See :meth:`medseg.nets.unet.UNet3D.init_class_prior`.
+        """
+        self.conv_org[-1].bias.copy_(log_prior)
+        self.conv_rev[-1].bias.copy_(-log_prior)
+
     def branches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(P_org, F_rev)``, both ``(B, num_classes, D, H, W)``."""
         return self.conv_org(features), self.conv_rev(features)
