@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.data import CacheDataset, DataLoader, list_data_collate
 
 from medseg.config import dump_config
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
@@ -171,7 +171,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     val_ds = (
         CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg["cache_rate"], progress=False)
         if val_cases
-        else Dataset([], None)
+        else []
     )
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
