@@ -14,12 +14,22 @@ slightly different semi-axes; ``--offset`` sets how far apart the surfaces are, 
 It prints the best-of-``--repeat`` time of each and the ratios measured in this run (other processes may load
 the machine: compare ratios, not absolute times across runs), and checks that HD95 / NSD / the directed mean
 distances agree with surface-distance. It is a script, not a timed test.
+
+    python -m pipelines.bench_metrics --tables [--spacings 200]
+
+instead compares the surface-area lookup tables (code -> mm²): medseg's ``surfel_area_table`` against
+MONAI's ``create_table_neighbour_code_to_surface_area`` and surface-distance's table: the first call in a
+fresh process (derivation / imports included), the warm cost per call, the max abs difference over random
+anisotropic spacings, the code bit order, and how far NSD / ASD move from surface-distance with each table.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+import timeit
 
 import numpy as np
 
@@ -47,6 +57,128 @@ def _best(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
+_RSS_MIB = "float(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024"
+_FIRST_CALL = {
+    "medseg": "import medseg.metrics.surface as s; import time; t = time.perf_counter(); "
+    "s.surfel_area_table((1.0, 0.8, 0.8)); print(time.perf_counter() - t)",
+    # medseg.metrics is imported first: what MONAI would add to a process that already evaluates.
+    "MONAI": f"import medseg.metrics, time; r = {_RSS_MIB}; t = time.perf_counter(); "
+    "from monai.metrics.utils import create_table_neighbour_code_to_surface_area as f; "
+    f"f((1.0, 0.8, 0.8)); print(time.perf_counter() - t, {_RSS_MIB} - r)",
+}
+
+
+def _metric_drift(table_fn, n_pairs: int = 40) -> dict[str, float]:
+    """Worst |NSD| / |ASD| / |HD| difference to surface-distance on random blob pairs with ``table_fn``."""
+    from unittest import mock
+
+    import surface_distance as sd
+    from scipy import ndimage
+
+    from medseg.metrics import compute_surface_distances, surface
+
+    worst = {"nsd": 0.0, "asd": 0.0, "hd": 0.0}
+    with mock.patch.object(surface, "surfel_area_table", table_fn):
+        for seed in range(n_pairs):
+            rng = np.random.default_rng(seed)
+            shape = tuple(int(n) for n in rng.integers(12, 40, 3))
+            spacing = tuple(float(s) for s in rng.uniform(0.4, 3.0, 3))
+
+            def blob(rng=rng, shape=shape):
+                noise = ndimage.gaussian_filter(rng.random(shape), rng.uniform(1.0, 3.0))
+                return noise > np.quantile(noise, 1.0 - rng.uniform(0.1, 0.5))
+
+            pred, ref = blob(), blob()
+            theirs = sd.compute_surface_distances(ref, pred, list(spacing))
+            d = compute_surface_distances(pred, ref, spacing)
+            for tol in (0.5, 1.0, 2.0):
+                in_p, tot_p = surface.surface_overlap(d.dist_pred_to_ref, d.area_pred, tol)
+                in_r, tot_r = surface.surface_overlap(d.dist_ref_to_pred, d.area_ref, tol)
+                nsd = (in_p + in_r) / (tot_p + tot_r)
+                worst["nsd"] = max(worst["nsd"], abs(nsd - sd.compute_surface_dice_at_tolerance(theirs, tol)))
+            for pct in (50, 95, 99):
+                hd = max(
+                    surface.directed_percentile(d.dist_pred_to_ref, d.area_pred, pct),
+                    surface.directed_percentile(d.dist_ref_to_pred, d.area_ref, pct),
+                )
+                worst["hd"] = max(worst["hd"], abs(hd - sd.compute_robust_hausdorff(theirs, pct)))
+            gt2p, p2gt = sd.compute_average_surface_distance(theirs)
+            worst["asd"] = max(
+                worst["asd"],
+                abs(gt2p - surface.directed_mean(d.dist_ref_to_pred, d.area_ref)),
+                abs(p2gt - surface.directed_mean(d.dist_pred_to_ref, d.area_pred)),
+            )
+    return worst
+
+
+def bench_tables(n_spacings: int, seed: int = 0) -> int:
+    """Surface-area tables: medseg vs MONAI vs surface-distance (build time, differences, bit order)."""
+    for name, code in _FIRST_CALL.items():  # before this process imports torch
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        vals = [float(v) for v in out.stdout.split()]
+        extra = f", RSS +{vals[1]:.0f} MiB" if len(vals) > 1 else ""
+        print(f"first call in a fresh process  {name:16s} {vals[0] * 1e3:9.1f} ms{extra}")
+
+    from monai.metrics.utils import ENCODING_KERNEL, create_table_neighbour_code_to_surface_area
+
+    from medseg.metrics import surface
+
+    def monai_table(spacing) -> np.ndarray:
+        return create_table_neighbour_code_to_surface_area(tuple(float(s) for s in spacing))[0].numpy()
+
+    try:
+        from surface_distance import lookup_tables
+    except ImportError:
+        lookup_tables = None
+        print("surface-distance not installed: comparisons against it skipped")
+
+    spacing = (1.3, 0.7, 2.1)
+    surface.surfel_area_table(spacing)
+    monai_table(spacing)
+    timers = {"medseg": lambda: surface.surfel_area_table(spacing), "MONAI": lambda: monai_table(spacing)}
+    if lookup_tables is not None:
+        timers["surface-distance"] = lambda: lookup_tables.create_table_neighbour_code_to_surface_area(
+            spacing
+        )
+    for name, fn in timers.items():
+        number = 50 if name == "surface-distance" else 2000
+        per_call = min(timeit.repeat(fn, number=number, repeat=3)) / number
+        print(f"warm, per call                 {name:16s} {per_call * 1e6:9.1f} µs")
+
+    weights = np.zeros((2, 2, 2), dtype=np.int64)
+    for corner in surface._CORNERS:
+        weights[corner] = 1 << surface._bit(corner)
+    same_order = np.array_equal(np.asarray(ENCODING_KERNEL[3]), weights)
+    print(f"code bit order: MONAI ENCODING_KERNEL == medseg's -> {same_order} (permutation: identity)")
+
+    rng = np.random.default_rng(seed)
+    worst: dict[str, float] = {}
+    for _ in range(n_spacings):
+        sp = tuple(float(s) for s in rng.uniform(0.2, 6.0, 3))
+        ours, theirs = surface.surfel_area_table(sp), monai_table(sp).astype(np.float64)
+        pairs = {"MONAI vs medseg": (theirs, ours)}
+        if lookup_tables is not None:
+            ref = lookup_tables.create_table_neighbour_code_to_surface_area(sp)
+            pairs |= {"medseg vs surface-distance": (ours, ref), "MONAI vs surface-distance": (theirs, ref)}
+        for name, (a, b) in pairs.items():
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(a - b).max()))
+            rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+            worst[name + " (rel)"] = max(worst.get(name + " (rel)", 0.0), rel)
+    print(f"MONAI table dtype: {create_table_neighbour_code_to_surface_area((1, 1, 1))[0].dtype}")
+    for name in [k for k in worst if not k.endswith("(rel)")]:
+        print(
+            f"max |diff| over {n_spacings} spacings  {name:28s} {worst[name]:.2e} mm² "
+            f"(relative {worst[name + ' (rel)']:.1e})"
+        )
+    if lookup_tables is not None:
+        if not hasattr(np, "Inf"):  # the package predates numpy 2
+            setattr(np, "Inf", np.inf)  # noqa: B010
+        for name, fn in (("medseg", surface.surfel_area_table), ("MONAI", monai_table)):
+            drift = _metric_drift(lambda sp, fn=fn: np.asarray(fn(sp), dtype=np.float64))
+            print(f"metrics vs surface-distance with the {name:6s} table: worst |diff| " + str(drift))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512])
@@ -56,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-surface-distance", action="store_true")
+    parser.add_argument("--tables", action="store_true", help="benchmark the surface-area tables instead")
+    parser.add_argument("--spacings", type=int, default=200, help="random spacings for --tables")
     args = parser.parse_args(argv)
+    if args.tables:
+        return bench_tables(args.spacings)
 
     from medseg.metrics import evaluate_pair
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medseg.engine.checkpoint import load_checkpoint
 from medseg.io import InputError, load_volume, save_like
+from medseg.io.checkpoint import load_checkpoint
 from pipelines.cli import app
 
 runner = CliRunner()

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from medseg.nets.blocks.encnet import ContextEncoding3D, EncodingLayer3D, presence_targets
+from medseg.losses.targets import presence_targets
+from medseg.nets.blocks.encnet import ContextEncoding3D, EncodingLayer3D
 
 
 def _loop_reference(layer: EncodingLayer3D, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from medseg.engine.checkpoint import load_checkpoint
+from medseg.io.checkpoint import load_checkpoint
 from pipelines.cli import app
 from tests.conftest import TINY_TRAIN
 
@@ -88,10 +89,8 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     quiet = lambda *_: None  # noqa: E731
     train(cfg(tmp_path / "straight", 2), log=quiet)
     first = cfg(tmp_path / "resumed", 2)
-    first["train"]["epochs"] = 2
-    # stop after one epoch by training a 1-epoch-long schedule prefix: same config, interrupted
-    interrupted = json.loads(json.dumps(first))
-    interrupted["train"]["max_minutes"] = 0.0  # stops cleanly after the first epoch
+    # the same config, interrupted: max_minutes=0 stops cleanly after the first epoch
+    interrupted = replace(first, train=replace(first.train, max_minutes=0.0))
     train(interrupted, log=quiet)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     train(first, resume=True, log=quiet)

@@ -11,9 +11,9 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  filters: [8, 16, 32, 64, 128]\ntrain:\n  epochs: 3\n")
     cfg = load_config(path, ["train.epochs=7", "augment.patch_size=[32, 32, 16]", "model.bottleneck=pam"])
-    assert cfg["model"]["filters"] == [8, 16, 32, 64, 128]
-    assert cfg["train"]["epochs"] == 7 and cfg["augment"]["patch_size"] == [32, 32, 16]
-    assert cfg["model"]["bottleneck"] == "pam" and cfg["optim"]["name"] == "adamw"
+    assert cfg.model.filters == (8, 16, 32, 64, 128)
+    assert cfg.train.epochs == 7 and cfg.augment.patch_size == (32, 32, 16)
+    assert cfg.model.bottleneck == "pam" and cfg.optim.name == "adamw"
 
 
 def test_unknown_key_suggests_closest(tmp_path):

@@ -13,7 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipelines.evaluate import CSV_COLUMNS, evaluate_command, load_label_names, run_evaluation
+from medseg.evaluation import evaluate_folder as run_evaluation
+from medseg.evaluation import label_index_names as load_label_names
+from medseg.export import CSV_COLUMNS
+from pipelines.evaluate import evaluate_command
 
 AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])
 
@@ -53,7 +56,7 @@ def test_run_evaluation_writes_csv_summary_and_plots(folders, tmp_path):
     names = tmp_path / "dataset.json"
     names.write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumour"}}))
     out = tmp_path / "out" / "metrics.csv"
-    summary = run_evaluation(pred, ref, out, label_names=names, progress=False)
+    summary = run_evaluation(pred, ref, out, label_names=names)
 
     rows = _read_csv(out)
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -84,7 +87,7 @@ def test_unmatched_cases_are_reported(folders, tmp_path):
     pred, ref = folders
     _save(ref / "case3.nii.gz", _labels())  # reference without prediction
     _save(pred / "extra.nii.gz", _labels())  # prediction without reference
-    summary = run_evaluation(pred, ref, tmp_path / "m.csv", labels=[1], progress=False)
+    summary = run_evaluation(pred, ref, tmp_path / "m.csv", labels=[1])
     assert summary["missing_predictions"] == [str(ref / "case3.nii.gz")]
     assert summary["missing_references"] == [str(pred / "extra.nii.gz")]
     assert not summary["ok"] and summary["n_evaluated"] == 2
@@ -102,7 +105,7 @@ def test_bad_cases_fail_with_reason_and_others_go_on(folders, tmp_path):
     (pred / "broken.nii.gz").write_bytes(b"not a nifti")
     _save(ref / "broken.nii.gz", _labels())
 
-    summary = run_evaluation(pred, ref, tmp_path / "m.csv", progress=False)
+    summary = run_evaluation(pred, ref, tmp_path / "m.csv")
     errors = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(errors) == {"geom", "frac", "neg", "broken"}
     assert "geometry mismatch" in errors["geom"]
@@ -123,9 +126,9 @@ def test_resample_pred_and_single_files(tmp_path):
     affine[0, 0] = 0.4
     affine[0, 3] = -0.2  # voxel centres of the fine grid straddle those of the coarse one
     pred = _save(tmp_path / "p" / "other_name.nii.gz", fine, affine)
-    s = run_evaluation(pred, ref, tmp_path / "x.csv", progress=False)
+    s = run_evaluation(pred, ref, tmp_path / "x.csv")
     assert not s["ok"] and "geometry mismatch" in s["failed"][0]["error"]
-    s = run_evaluation(pred, ref, tmp_path / "x.csv", resample_pred=True, progress=False)
+    s = run_evaluation(pred, ref, tmp_path / "x.csv", resample_pred=True)
     assert s["ok"]
     rows = _read_csv(tmp_path / "x.csv")
     assert rows[0]["case"] == "a" and float(rows[0]["dice"]) == 1.0
@@ -142,8 +145,8 @@ def test_label_names_formats(tmp_path):
 
 def test_workers_in_parallel(folders, tmp_path):
     pred, ref = folders
-    serial = run_evaluation(pred, ref, tmp_path / "a.csv", progress=False)
-    parallel = run_evaluation(pred, ref, tmp_path / "b.csv", workers=2, progress=False)
+    serial = run_evaluation(pred, ref, tmp_path / "a.csv")
+    parallel = run_evaluation(pred, ref, tmp_path / "b.csv", workers=2)
     assert serial["labels"] == parallel["labels"]
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
 
@@ -196,7 +199,7 @@ def test_cli_errors_exit_non_zero(folders, tmp_path):
         _app(),
         ["evaluate", "--pred", str(tmp_path / "nope"), "--ref", str(ref), "-o", str(tmp_path / "m.csv")],
     )
-    assert missing.exit_code != 0 and "does not exist" in missing.output
+    assert missing.exit_code != 0 and "not found" in missing.output
     _save(ref / "geom.nii.gz", _labels())
     _save(pred / "geom.nii.gz", _labels(shape=(20, 24, 12)))
     failed = runner.invoke(

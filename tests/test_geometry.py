@@ -9,10 +9,10 @@ import torch
 from monai import transforms as mt
 
 from medseg.data.phantoms import generate_phantom
-from medseg.data.plan import voxel_spacing
-from medseg.inference import Predictor, resample_to_reference
-from medseg.io import load_volume, save_volume
+from medseg.inference import Predictor
+from medseg.io import load_volume, save_volume, voxel_spacing
 from medseg.transforms.presets import body_mask
+from medseg.transforms.resample import resample_to_reference
 
 
 def _model_space_label(path, spacing):

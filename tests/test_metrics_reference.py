@@ -74,10 +74,58 @@ def _blob(rng: np.random.Generator, shape, fill: float, sigma: float) -> np.ndar
     return noise > np.quantile(noise, 1.0 - fill)
 
 
-@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.3, 0.7, 2.1), (0.5, 3.1, 0.9), (2.5, 0.8, 0.8)])
+_RANDOM_SPACINGS = [
+    tuple(float(s) for s in np.random.default_rng(seed).uniform(0.2, 6.0, 3)) for seed in range(8)
+]
+
+
+@pytest.mark.parametrize(
+    "spacing", [(1.0, 1.0, 1.0), (1.3, 0.7, 2.1), (0.5, 3.1, 0.9), (2.5, 0.8, 0.8), *_RANDOM_SPACINGS]
+)
 def test_area_table_matches_reference(spacing):
     want = lookup_tables.create_table_neighbour_code_to_surface_area(spacing)
-    np.testing.assert_allclose(surfel_area_table(spacing), want, rtol=0, atol=1e-12)
+    got = surfel_area_table(spacing)
+    assert got.shape == (256,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # _distances_padded passes the spacing as a float64 array.
+    np.testing.assert_allclose(surfel_area_table(np.asarray(spacing)), want, rtol=0, atol=1e-12)
+
+
+def test_neighbourhood_code_bit_order_matches_reference():
+    """Voxel (a, b, c) of the 2x2x2 cell has the weight of ENCODE_NEIGHBOURHOOD_3D_KERNEL[a, b, c]."""
+    weights = np.zeros((2, 2, 2), dtype=np.int64)
+    for corner in surface._CORNERS:
+        weights[corner] = 1 << surface._bit(corner)
+    np.testing.assert_array_equal(weights, lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL)
+
+
+@pytest.mark.parametrize("spacing", [(0.9, 1.7, 0.6), (2.5, 0.8, 0.8), (0.5, 1.0, 2.0)])
+def test_surfel_areas_in_use_match_reference(spacing):
+    """The areas compute_surface_distances gives each border corner (the table as used, indexed by our
+    codes) equal the package's surfel by surfel, on noise that hits every neighbourhood code."""
+    rng = np.random.default_rng(100)
+    pred = rng.random((16, 18, 20)) < 0.4
+    ref = rng.random((16, 18, 20)) < 0.3
+    theirs = sd.compute_surface_distances(ref, pred, list(spacing))
+    mine = compute_surface_distances(pred, ref, spacing)
+    for dist, area, key in (
+        (mine.dist_pred_to_ref, mine.area_pred, "pred_to_gt"),
+        (mine.dist_ref_to_pred, mine.area_ref, "gt_to_pred"),
+    ):
+        order = np.lexsort((area, dist))  # the package returns surfels sorted by (distance, area)
+        np.testing.assert_array_equal(dist[order], theirs[f"distances_{key}"])
+        surfel_key = "surfel_areas_pred" if key == "pred_to_gt" else "surfel_areas_gt"
+        np.testing.assert_allclose(area[order], theirs[surfel_key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(1.3, 0.7, 2.1), *_RANDOM_SPACINGS[:4]])
+def test_monai_table_same_codes_float32_only(spacing):
+    """MONAI's table uses our bit order (no code permutation) and equals ours only to float32 rounding,
+    which is why medseg keeps its own float64 table (see the medseg.metrics.surface docstring)."""
+    mu = pytest.importorskip("monai.metrics.utils")
+    table, kernel = mu.create_table_neighbour_code_to_surface_area(spacing)
+    np.testing.assert_array_equal(kernel.numpy()[0, 0], lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL)
+    np.testing.assert_allclose(table.numpy(), surfel_area_table(spacing), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.data.phantoms import LABELS, generate_phantom, write_msd_dataset
-from medseg.data.plan import voxel_spacing
+from medseg.io import voxel_spacing
 
 SHAPE = (64, 64, 24)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from medseg.config import ConfigError, ModelConfig
 from medseg.losses import SegmentationLoss
 from medseg.nets.blocks.danet import (
     ChannelAttention3D,
@@ -24,7 +25,7 @@ from medseg.nets.blocks.grid_attention import GridAttentionGate3D
 from medseg.nets.blocks.pan import FeaturePyramidAttention3D, GlobalAttentionUpsample3D
 from medseg.nets.blocks.psa import PointwiseSpatialAttention3D
 from medseg.nets.blocks.reverse_attention import ReverseAttentionHead3D
-from medseg.nets.registry import BOTTLENECKS, FUSIONS, HEADS, RegistryError, build_network
+from medseg.nets.registry import BOTTLENECKS, FUSIONS, HEADS, RegistryError, build_network, look_up
 
 C, K = 8, 3
 ODD = (5, 7, 3)
@@ -109,7 +110,7 @@ def test_block_contract(name):
 
 TINY = [4, 8, 16, 32]
 VARIANTS = (
-    [{"name": "unet", "skip_gate": "none"}, {"name": "attention_unet"}]
+    [{"name": "unet"}, {"name": "attention_unet"}]
     + [{"bottleneck": b} for b in BOTTLENECKS if b != "none"]
     + [{"decoder_fusion": f} for f in FUSIONS if f != "concat"]
     + [{"head": h} for h in HEADS if h != "plain"]
@@ -126,7 +127,7 @@ VARIANTS = (
 def test_network_variant_contract(variant):
     torch.manual_seed(0)
     cfg = {"name": "attention_unet", "filters": TINY, **variant}
-    net = build_network(cfg, 1, K).train()
+    net = build_network(ModelConfig(**cfg), 1, K).train()
     _perturb_zero_scales(net)
     x = torch.randn(2, 1, 33, 35, 32)
     out = net(x)
@@ -145,9 +146,11 @@ def test_network_variant_contract(variant):
 
 
 def test_unknown_names_list_valid_ones_and_suggest():
+    with pytest.raises(ConfigError, match=r"valid values: .*pam.*Did you mean 'pam'"):
+        ModelConfig(bottleneck="pamm")
+    with pytest.raises(ConfigError, match="Did you mean 'attention_unet'"):
+        ModelConfig(name="atention_unet")
+    with pytest.raises(ConfigError, match="decoder_fusion"):
+        ModelConfig(decoder_fusion="sum")
     with pytest.raises(RegistryError, match=r"valid names: .*pam.*Did you mean 'pam'"):
-        build_network({"bottleneck": "pamm"}, 1, 2)
-    with pytest.raises(RegistryError, match="Did you mean 'attention_unet'"):
-        build_network({"name": "atention_unet"}, 1, 2)
-    with pytest.raises(RegistryError, match="decoder_fusion"):
-        build_network({"decoder_fusion": "sum"}, 1, 2)
+        look_up(BOTTLENECKS, "pamm", "bottleneck")

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from medseg.config import load_config
+from medseg.config import ModelConfig, load_config
 from medseg.engine.trainer import build_optimizer, init_class_prior
 from medseg.losses import SegmentationLoss
-from medseg.nets import build_network
+from medseg.nets.registry import build_network
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from medseg.nets import build_network
 )
 def test_class_prior_starts_every_head_at_the_class_frequencies(variant):
     fractions = [0.9, 0.09, 0.01]
-    net = build_network({"filters": [4, 8, 16, 32], **variant}, 1, 3).eval()
+    net = build_network(ModelConfig(filters=(4, 8, 16, 32), **variant), 1, 3).eval()
     assert init_class_prior(net, fractions, 3)
     backbone = net.scale_attention.backbone if "scales" in variant else net
     for head in backbone.ds_heads:

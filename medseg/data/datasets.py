@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from medseg.io import InputError, case_name
+from medseg.io.labels import parse_label_names
 
 
 def read_dataset_json(root: str | os.PathLike) -> dict:
@@ -29,9 +30,9 @@ def read_dataset_json(root: str | os.PathLike) -> dict:
     return meta
 
 
-def label_names(meta: dict) -> dict[str, int]:
-    """``{"background": 0, "liver": 1, ...}`` from an MSD ``labels`` mapping (index → name)."""
-    return {str(name): int(idx) for idx, name in sorted(meta["labels"].items(), key=lambda kv: int(kv[0]))}
+def label_names(meta: dict, source: str = "dataset.json") -> dict[str, int]:
+    """``{"background": 0, "liver": 1, ...}`` from a dataset.json ``labels`` mapping (either orientation)."""
+    return parse_label_names(meta["labels"], source)
 
 
 def training_cases(root: str | os.PathLike) -> list[dict]:

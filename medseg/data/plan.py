@@ -11,10 +11,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size in mm along the three array axes (column norms of the affine)."""
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+from medseg.io.nifti import load_volume, voxel_spacing
 
 
 def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int = 0) -> dict:
@@ -22,13 +19,13 @@ def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int 
     rng = np.random.default_rng(seed)
     spacings, samples, counts = [], [], np.zeros(0, dtype=np.int64)
     for case in cases:
-        img = nib.load(case["image"])
+        img = load_volume(case["image"])
         ornt = nib.orientations.io_orientation(img.affine)
         sp = voxel_spacing(img.affine)
         spacings.append([float(sp[int(np.argwhere(ornt[:, 0] == ax)[0, 0])]) for ax in range(3)])
         if "label" in case:
             data = np.asanyarray(img.dataobj)
-            label = np.asanyarray(nib.load(case["label"]).dataobj).astype(np.int64)
+            label = np.asanyarray(load_volume(case["label"]).dataobj).astype(np.int64)
             bins = np.bincount(label.ravel())
             counts = np.pad(counts, (0, max(0, len(bins) - len(counts)))) + np.pad(
                 bins, (0, max(0, len(counts) - len(bins)))
@@ -50,16 +47,16 @@ def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int 
     }
 
 
-def make_plan(cfg: dict, cases: list[dict], label_names: dict[str, int]) -> dict:
-    """Resolve the config's ``preprocess`` section against the dataset fingerprint."""
-    pre = cfg["preprocess"]
+def make_plan(cfg, cases: list[dict], label_names: dict[str, int]) -> dict:
+    """Resolve the config's ``preprocess`` section (a :class:`medseg.config.Config`) against the fingerprint."""
+    pre = cfg.preprocess
     fp = fingerprint(cases)
-    spacing = fp["median_spacing"] if pre["spacing"] == "auto" else [float(s) for s in pre["spacing"]]
-    mode = pre["intensity"]["mode"]
+    spacing = fp["median_spacing"] if pre.spacing == "auto" else [float(s) for s in pre.spacing]
+    mode = pre.intensity.mode
     if mode == "window":
-        lo, hi = (float(v) for v in pre["intensity"]["window"])
+        lo, hi = (float(v) for v in pre.intensity.window)
         intensity = {"mode": "window", "a_min": lo, "a_max": hi}
-    elif mode == "zscore":
+    else:  # zscore (the mode was checked when the config was loaded)
         fg = fp["foreground"]
         intensity = {
             "mode": "zscore",
@@ -68,14 +65,12 @@ def make_plan(cfg: dict, cases: list[dict], label_names: dict[str, int]) -> dict
             "mean": fg["mean"],
             "std": fg["std"],
         }
-    else:
-        raise ValueError(f"preprocess.intensity.mode must be 'window' or 'zscore', got {mode!r}")
     return {
-        "orientation": pre["orientation"],
+        "orientation": pre.orientation,
         "spacing": spacing,
         "intensity": intensity,
-        "crop_foreground": bool(pre["crop_foreground"]),
-        "patch_size": [int(p) for p in cfg["augment"]["patch_size"]],
+        "crop_foreground": bool(pre.crop_foreground),
+        "patch_size": [int(p) for p in cfg.augment.patch_size],
         "labels": dict(label_names),
         "in_channels": 1,
         "fingerprint": {

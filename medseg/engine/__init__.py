@@ -1,8 +1,7 @@
-"""Training loop, checkpoints and metric history."""
+"""Training loop and metric history (checkpoint files are :mod:`medseg.io.checkpoint`)."""
 
 from __future__ import annotations
 
-from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from medseg.engine.trainer import train
 
-__all__ = ["load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["train"]

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 
-from medseg.config import dump_config
+from medseg.config import Config, checkpoint_config, config_to_dict, dump_config
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
 from medseg.data.plan import make_plan
-from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from medseg.engine.history import append_metrics, plot_curves
-from medseg.inference.sliding import resolve_device, sliding_window_logits
+from medseg.device import resolve_device
+from medseg.export import append_history, training_curves
+from medseg.inference.sliding import sliding_window_logits
 from medseg.io import atomic_write_text
+from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
 from medseg.metrics import dice_per_label
 from medseg.nets.registry import build_network
@@ -44,22 +45,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(cfg: dict, model: torch.nn.Module, total_iters: int):
-    """AdamW or SGD (Nesterov) with a per-iteration poly learning-rate schedule (nnU-Net's (1 - t/T)^0.9)."""
-    o = cfg["optim"]
-    if o["name"] == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-    elif o["name"] == "sgd":
+def build_optimizer(cfg: Config, model: torch.nn.Module, total_iters: int):
+    """AdamW or SGD (Nesterov) with a per-iteration poly learning-rate schedule (nnU-Net's (1 - t/T)^0.9).
+
+    ``optim.name`` was checked against :data:`medseg.config.schema.OPTIMIZERS` when the config was loaded.
+    """
+    o = cfg.optim
+    if o.name == "sgd":
         opt = torch.optim.SGD(
-            model.parameters(),
-            lr=o["lr"],
-            momentum=o["momentum"],
-            nesterov=True,
-            weight_decay=o["weight_decay"],
+            model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay
         )
     else:
-        raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
-    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total_iters, 1), power=o["poly_power"])
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total_iters, 1), power=o.poly_power)
     return opt, sched
 
 
@@ -80,16 +78,15 @@ def _infinite(loader: DataLoader):
 
 
 @torch.no_grad()
-def validate(model, val_ds, cfg: dict, plan: dict, device: torch.device) -> dict[str, float]:
+def validate(model, val_ds, cfg: Config, plan: dict, device: torch.device) -> dict[str, float]:
     """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`."""
-    infer = cfg["infer"]
-    roi = infer.get("roi_size") or plan["patch_size"]
+    infer = cfg.infer
     labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
     per_label: dict[str, list[float]] = {name: [] for name in labels}
     for item in val_ds:
         image = torch.as_tensor(item["image"])[None].to(device)
         logits = sliding_window_logits(
-            model, image, roi, infer["overlap"], infer["sw_batch_size"], infer["mode"], cfg["train"]["amp"]
+            model, image, cfg.roi_size, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
         )
         pred = logits.argmax(1)[0].cpu().numpy()
         ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)
@@ -117,25 +114,27 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def train(cfg: dict, resume: bool = False, log=print) -> Path:
+def train(cfg: Config, resume: bool = False, log=print) -> Path:
     """Train the configured network; return the run folder. See the module docstring for outputs."""
-    tcfg = cfg["train"]
-    out = Path(tcfg["output"])
+    tcfg = cfg.train
+    out = Path(tcfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tcfg["device"])
-    seed_everything(int(tcfg["seed"]))
+    device = resolve_device(tcfg.device)
+    seed_everything(tcfg.seed)
 
-    root = cfg["data"]["root"]
+    root = cfg.data.root
     if root is None:
         raise ValueError("data.root is not set (path to a dataset folder with dataset.json)")
     meta = read_dataset_json(root)
     names = label_names(meta)
     cases = training_cases(root)
     train_cases, val_cases = split_cases(
-        cases, cfg["data"]["val_fraction"], int(tcfg["seed"]), cfg["data"]["val_cases"]
+        cases, cfg.data.val_fraction, tcfg.seed, list(cfg.data.val_cases or [])
     )
 
     ckpt = load_checkpoint(out / "last.pt") if resume else None
+    if ckpt is not None:
+        checkpoint_config(ckpt, out / "last.pt")  # a recorded config that no longer loads is named here
     if not resume:  # a new run in an old folder starts a new history
         (out / "metrics.csv").unlink(missing_ok=True)
     plan = ckpt["plan"] if ckpt else make_plan(cfg, train_cases, names)
@@ -143,13 +142,13 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))
 
     num_classes = len(names)
-    model = build_network(cfg["model"], plan["in_channels"], num_classes)
+    model = build_network(cfg.model, plan["in_channels"], num_classes)
     init_class_prior(model, plan.get("fingerprint", {}).get("class_fractions", []), num_classes)
     model = model.to(device)
     loss_fn = build_loss(cfg, num_classes).to(device)
-    epochs, iters = int(tcfg["epochs"]), int(tcfg["iters_per_epoch"])
+    epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
-    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    use_amp = tcfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, best = 0, -math.inf
@@ -163,13 +162,13 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
         _set_rng_state(ckpt["rng"])
         log(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
 
-    dcfg = cfg["data"]
-    train_tf = train_transforms(plan, cfg["augment"])
+    dcfg = cfg.data
+    train_tf = train_transforms(plan, cfg.augment)
     train_ds = CacheDataset(
-        train_cases, train_tf, cache_rate=dcfg["cache_rate"], num_workers=None, progress=False
+        train_cases, train_tf, cache_rate=dcfg.cache_rate, num_workers=None, progress=False
     )
     val_ds = (
-        CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg["cache_rate"], progress=False)
+        CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg.cache_rate, progress=False)
         if val_cases
         else []
     )
@@ -180,7 +179,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
     def state(epoch: int) -> dict:
         return {
             "model": model.state_dict(),
-            "config": cfg,
+            "config": config_to_dict(cfg),
             "plan": plan,
             "labels": plan["labels"],
             "optimizer": optimizer.state_dict(),
@@ -193,21 +192,21 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
 
     t_start = time.monotonic()
     for epoch in range(start_epoch, epochs):
-        epoch_seed = int(tcfg["seed"]) * 1_000_003 + epoch
+        epoch_seed = tcfg.seed * 1_000_003 + epoch
         train_tf.set_random_state(seed=epoch_seed % 2**32)
         generator = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
             train_ds,
-            batch_size=int(tcfg["batch_size"]),
+            batch_size=tcfg.batch_size,
             shuffle=True,
             generator=generator,
-            num_workers=int(dcfg["num_workers"]),
+            num_workers=dcfg.num_workers,
             collate_fn=list_data_collate,
         )
         model.train()
         t0, losses = time.monotonic(), []
         batches = _infinite(loader)
-        progress = _progress(range(iters), tcfg["progress"], f"epoch {epoch + 1}/{epochs}")
+        progress = _progress(range(iters), tcfg.progress, f"epoch {epoch + 1}/{epochs}")
         for _ in progress:
             batch = next(batches)
             image, label = batch["image"].to(device), batch["label"].to(device)
@@ -229,10 +228,8 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
             "lr": optimizer.param_groups[0]["lr"],
         }
         last_epoch = epoch == epochs - 1
-        out_of_time = tcfg["max_minutes"] is not None and (time.monotonic() - t_start) / 60 > float(
-            tcfg["max_minutes"]
-        )
-        if len(val_cases) and ((epoch + 1) % int(tcfg["val_every"]) == 0 or last_epoch or out_of_time):
+        out_of_time = tcfg.max_minutes is not None and (time.monotonic() - t_start) / 60 > tcfg.max_minutes
+        if len(val_cases) and ((epoch + 1) % tcfg.val_every == 0 or last_epoch or out_of_time):
             scores = validate(model, val_ds, cfg, plan, device)
             row.update(
                 {"val_dice": scores["mean"], **{f"val_dice_{k}": v for k, v in scores.items() if k != "mean"}}
@@ -246,10 +243,10 @@ def train(cfg: dict, resume: bool = False, log=print) -> Path:
         )
         log(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} ({row['seconds']:.0f} s){val_text}")
         save_checkpoint(state(epoch), out / "last.pt")
-        append_metrics(out / "metrics.csv", row)
-        plot_curves(out / "metrics.csv", out / "curves.png")
+        append_history(out / "metrics.csv", row)
+        training_curves(out / "metrics.csv", out / "curves.png")
         if out_of_time:
-            log(f"stopping after epoch {epoch + 1}: train.max_minutes={tcfg['max_minutes']} reached")
+            log(f"stopping after epoch {epoch + 1}: train.max_minutes={tcfg.max_minutes} reached")
             break
     if not (out / "best.pt").exists() and (out / "last.pt").exists():  # no validation split: best = last
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")

@@ -17,11 +17,14 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.engine.checkpoint import load_checkpoint
-from medseg.inference.sliding import resample_to_reference, resolve_device, sliding_window_logits
-from medseg.io import load_volume
+from medseg.config import checkpoint_config
+from medseg.device import resolve_device
+from medseg.inference.sliding import sliding_window_logits
+from medseg.io import InputError, load_volume
+from medseg.io.checkpoint import load_checkpoint
 from medseg.nets.registry import build_network
 from medseg.transforms import infer_transforms
+from medseg.transforms.resample import resample_to_reference
 
 
 @dataclass
@@ -33,11 +36,18 @@ class Prediction:
     label_names: dict[str, int]
 
 
-def model_from_checkpoint(ckpt: dict, device: torch.device) -> torch.nn.Module:
-    """Rebuild the network recorded in a checkpoint and load its weights (eval mode)."""
-    plan = ckpt["plan"]
-    model = build_network(ckpt["config"]["model"], plan.get("in_channels", 1), len(ckpt["labels"]))
-    model.load_state_dict(ckpt["model"])
+def model_from_checkpoint(
+    ckpt: dict, device: torch.device, path: str | os.PathLike = "checkpoint"
+) -> torch.nn.Module:
+    """Rebuild the network recorded in a checkpoint (config migrated if older) and load its weights (eval)."""
+    cfg = checkpoint_config(ckpt, path)
+    model = build_network(cfg.model, ckpt["plan"].get("in_channels", 1), len(ckpt["labels"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise InputError(
+            f"{path}: weights do not match the recorded network ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 
@@ -61,15 +71,15 @@ class Predictor:
         self.device = resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
-        self.config = ckpt["config"]
+        self.config = checkpoint_config(ckpt, checkpoint)
         self.plan = ckpt["plan"]
         self.label_names = {str(k): int(v) for k, v in ckpt["labels"].items()}
-        self.model = model_from_checkpoint(ckpt, self.device)
-        infer = self.config["infer"]
-        self.roi_size = roi_size or infer.get("roi_size") or self.plan["patch_size"]
-        self.overlap = infer["overlap"] if overlap is None else overlap
-        self.sw_batch_size = sw_batch_size or infer["sw_batch_size"]
-        self.mode = infer.get("mode", "gaussian")
+        self.model = model_from_checkpoint(ckpt, self.device, checkpoint)
+        infer = self.config.infer
+        self.roi_size = roi_size or infer.roi_size or self.plan["patch_size"]
+        self.overlap = infer.overlap if overlap is None else overlap
+        self.sw_batch_size = sw_batch_size or infer.sw_batch_size
+        self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
 
     def preprocess(self, reference: nib.Nifti1Image) -> MetaTensor:

@@ -13,6 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+#: Prefix of every temporary file; folder listings (:func:`medseg.io.cases.list_cases`) skip such names.
+TEMP_PREFIX = ".tmp-"
+
 
 def _default_mode() -> int:
     """Permissions a plain ``open(..., "w")`` would give (0666 minus the umask); mkstemp uses 0600."""
@@ -39,7 +42,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=_suffixes(path), dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{path.name}.", suffix=_suffixes(path), dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:

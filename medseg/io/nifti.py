@@ -31,6 +31,15 @@ def case_name(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along the three array axes: the column norms of the affine's 3×3 part.
+
+    The one spacing function of medseg: exact for oblique and flipped affines, unlike the header's pixdim,
+    which a writer may leave inconsistent with the sform.
+    """
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 

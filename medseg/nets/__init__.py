@@ -1,8 +1,6 @@
-"""Networks: the 3D (Attention) U-Net and the registry that builds every variant from a config."""
+"""Networks: the 3D (Attention) U-Net (:mod:`.unet`), decoder fusions (:mod:`.fusion`), attention to scale
+(:mod:`.multiscale`), reusable attention blocks (:mod:`.blocks`) and the registry that builds every variant
+from a config (:mod:`.registry`).
 
-from __future__ import annotations
-
-from medseg.nets.registry import RegistryError, build_network
-from medseg.nets.unet import AttentionUNet3D, UNet3D, count_parameters
-
-__all__ = ["AttentionUNet3D", "RegistryError", "UNet3D", "build_network", "count_parameters"]
+Nothing is imported here, so ``medseg.nets.registry`` (and with it config validation) loads without torch.
+"""

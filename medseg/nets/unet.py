@@ -13,7 +13,9 @@ MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' 
   (gated) skip, two 3×3×3 convs.
 * Deep supervision: a 1×1×1 head per decoder level (Sec. 2 of the paper).
 
-The U-Net (``skip_gate="none"``) has the identical encoder/decoder without gates: the ablation baseline.
+:class:`UNet3D` has the identical encoder/decoder without gates: the ablation baseline. Which of the two a
+class is decides the gates (the class attribute ``grid_gates``); there is no constructor switch that could
+contradict the class, and the registry names ``unet`` / ``attention_unet`` map to the two classes.
 
 Pluggable parts (chosen by config through :mod:`medseg.nets.registry`): a bottleneck block (PAM, CAM, DANet
 dual, EMA, PSA, FPA, context encoding), the decoder fusion (``concat`` or PAN's global attention
@@ -34,33 +36,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medseg.nets.blocks.common import ConvNormAct
+from medseg.nets.blocks.common import ConvNormAct, DoubleConv
 from medseg.nets.blocks.grid_attention import GridAttentionGate3D
-
-
-class DoubleConv(nn.Sequential):
-    """Two 3×3×3 conv–norm–ReLU layers (one U-Net level)."""
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "instance") -> None:
-        super().__init__(
-            ConvNormAct(in_channels, out_channels, 3, norm=norm),
-            ConvNormAct(out_channels, out_channels, 3, norm=norm),
-        )
-
-
-class ConcatFusion(nn.Module):
-    """U-Net decoder fusion: trilinear up-sampling of the coarse feature to the skip's size, concatenation."""
-
-    def __init__(self, high_channels: int, low_channels: int, out_channels: int, norm: str = "instance"):
-        super().__init__()
-        self.conv = DoubleConv(high_channels + low_channels, out_channels, norm)
-
-    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(high, size=low.shape[2:], mode="trilinear", align_corners=False)
-        return self.conv(torch.cat([low, up], dim=1))
+from medseg.nets.fusion import ConcatFusion
 
 
 class UNet3D(nn.Module):
@@ -71,7 +51,6 @@ class UNet3D(nn.Module):
         num_classes: output classes including background.
         filters: channels per level, default ``(16, 32, 64, 128, 256)`` (Oktay et al.'s 3D CT network).
         norm: ``instance`` | ``batch`` | ``group``.
-        skip_gate: ``grid`` (attention gates on skip levels 2..L-1) or ``none``.
         deep_supervision: add a 1×1×1 head per decoder level (used in training only).
         bottleneck: factory ``(channels, num_classes, norm) -> nn.Module`` or ``None``; the module returns a
             tensor, or ``(tensor, aux_dict)``.
@@ -79,11 +58,15 @@ class UNet3D(nn.Module):
         head: factory ``(in_channels, num_classes, norm) -> nn.Module``; returns logits or ``(logits, aux)``;
             default a 1×1×1 convolution.
 
+    Attention gates: none here; :class:`AttentionUNet3D` (``grid_gates = True``) adds them.
+
     Example:
         >>> net = AttentionUNet3D(1, 3).eval()
         >>> net(torch.randn(1, 1, 32, 48, 40)).shape
         torch.Size([1, 3, 32, 48, 40])
     """
+
+    grid_gates = False
 
     def __init__(
         self,
@@ -91,7 +74,6 @@ class UNet3D(nn.Module):
         num_classes: int,
         filters: Sequence[int] = (16, 32, 64, 128, 256),
         norm: str = "instance",
-        skip_gate: str = "none",
         deep_supervision: bool = True,
         bottleneck: Callable[..., nn.Module] | None = None,
         fusion: Callable[..., nn.Module] | None = None,
@@ -101,11 +83,8 @@ class UNet3D(nn.Module):
         filters = [int(f) for f in filters]
         if len(filters) < 2:
             raise ValueError(f"filters needs at least 2 levels, got {filters}")
-        if skip_gate not in ("grid", "none"):
-            raise ValueError(f"skip_gate must be 'grid' or 'none', got {skip_gate!r}")
         self.num_classes = num_classes
         self.filters = filters
-        self.skip_gate = skip_gate
         self.deep_supervision = deep_supervision
         depth = len(filters)
 
@@ -117,7 +96,7 @@ class UNet3D(nn.Module):
 
         # Gates on skip levels 1..depth-2 (0-based); level 0 (full resolution) is not gated.
         self.gates = nn.ModuleDict()
-        if skip_gate == "grid":
+        if self.grid_gates:
             self.gating = ConvNormAct(filters[-1], filters[-1], kernel_size=1, norm=norm)
             for lvl in range(1, depth - 1):
                 self.gates[str(lvl)] = GridAttentionGate3D(
@@ -200,11 +179,10 @@ class UNet3D(nn.Module):
 
 
 class AttentionUNet3D(UNet3D):
-    """The 3D Attention U-Net of Oktay et al. 2018: :class:`UNet3D` with ``skip_gate="grid"``."""
+    """The 3D Attention U-Net of Oktay et al. 2018: :class:`UNet3D` with grid attention gates on skip levels
+    2..L-1 (Eq. 1-2 of the paper, :class:`~medseg.nets.blocks.grid_attention.GridAttentionGate3D`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, **kwargs) -> None:
-        kwargs.setdefault("skip_gate", "grid")
-        super().__init__(in_channels, num_classes, **kwargs)
+    grid_gates = True
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -77,14 +77,15 @@ def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) ->
     return steps
 
 
-def train_transforms(plan: dict, augment: dict) -> mt.Compose:
-    """Training preset: deterministic prefix + patch sampling and augmentation."""
+def train_transforms(plan: dict, augment) -> mt.Compose:
+    """Training preset: deterministic prefix + patch sampling and augmentation (``augment``: a
+    :class:`medseg.config.AugmentConfig`)."""
     keys = ["image", "label"]
     patch = [int(p) for p in plan["patch_size"]]
-    pos, neg = augment["pos_neg"]
-    rot = math.radians(float(augment["rotate_deg"]))
-    scale = float(augment["scale"])
-    p_int = float(augment["intensity_prob"])
+    pos, neg = augment.pos_neg
+    rot = math.radians(augment.rotate_deg)
+    scale = augment.scale
+    p_int = augment.intensity_prob
     steps = deterministic_transforms(plan, with_label=True) + [
         mt.SpatialPadd(keys, spatial_size=patch),
         mt.RandCropByPosNegLabeld(
@@ -93,26 +94,24 @@ def train_transforms(plan: dict, augment: dict) -> mt.Compose:
             spatial_size=patch,
             pos=pos,
             neg=neg,
-            num_samples=int(augment["samples_per_volume"]),
+            num_samples=augment.samples_per_volume,
             image_key="image",
             allow_smaller=False,
         ),
     ]
-    if augment["affine_prob"] > 0:
+    if augment.affine_prob > 0:
         steps.append(
             mt.RandAffined(
                 keys,
-                prob=float(augment["affine_prob"]),
+                prob=augment.affine_prob,
                 rotate_range=(rot, rot, rot),
                 scale_range=(scale, scale, scale),
                 mode=("bilinear", "nearest"),
                 padding_mode="border",
             )
         )
-    if augment["flip_prob"] > 0:
-        steps += [
-            mt.RandFlipd(keys, prob=float(augment["flip_prob"]), spatial_axis=axis) for axis in range(3)
-        ]
+    if augment.flip_prob > 0:
+        steps += [mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=axis) for axis in range(3)]
     if p_int > 0:
         steps += [
             mt.RandScaleIntensityd("image", factors=0.1, prob=p_int),

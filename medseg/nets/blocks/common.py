@@ -1,4 +1,4 @@
-"""Small building pieces shared by every block: normalisation factory and conv–norm–act.
+"""Small building pieces shared by every block: normalisation factory, conv–norm–act, a U-Net level, resize.
 
 All blocks in :mod:`medseg.nets.blocks` take and return ``(B, C, D, H, W)`` tensors and build their
 normalisation layers through :func:`get_norm`, so a network can switch every block between instance,
@@ -7,9 +7,13 @@ batch and group normalisation with one config value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("instance", "batch", "group")
+from medseg.nets.registry import NORMS
 
 
 def get_norm(name: str, channels: int) -> nn.Module:
@@ -55,3 +59,20 @@ class ConvNormAct(nn.Sequential):
         if act:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3×3×3 conv–norm–ReLU layers (one U-Net level)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "instance") -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, 3, norm=norm),
+            ConvNormAct(out_channels, out_channels, 3, norm=norm),
+        )
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of ``(B, C, *spatial)`` to ``size`` (no-op when the size already matches)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)

@@ -23,7 +23,7 @@ codewords → ReLU → mean over K`` gives the encoded context ``e ∈ R^C``, th
     out = ReLU(x + x ⊙ γ)                                     (the authors' code; the paper writes x ⊗ γ)
 
 **SE-loss (Semantic Encoding loss).** A second FC layer on ``e`` predicts, per class, whether the class
-occurs anywhere in the patch; it is trained with binary cross-entropy against :func:`presence_targets`.
+occurs anywhere in the patch; it is trained with binary cross-entropy against :func:`medseg.losses.targets.presence_targets`.
 It costs nothing at inference and gives the small organs' presence a global, size-independent signal.
 
 Normalisation over the codewords: ``BatchNorm1d(K)`` on the ``(B, K, C)`` encoding normalises each
@@ -39,29 +39,6 @@ import torch
 from torch import nn
 
 from medseg.nets.blocks.common import ConvNormAct
-
-
-def presence_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Which classes occur in each sample: ``(B, num_classes)`` float tensor of 0/1 (SE-loss targets).
-
-    Args:
-        labels: integer label map ``(B, 1, D, H, W)`` or ``(B, D, H, W)``. Values outside
-            ``[0, num_classes)`` (e.g. an ignore index such as 255) are ignored.
-        num_classes: number of classes.
-
-    Example:
-        >>> presence_targets(torch.tensor([[[[0, 2]]], [[[1, 1]]]]), 3)
-        tensor([[1., 0., 1.],
-                [0., 1., 0.]])
-    """
-    if labels.dim() not in (4, 5):
-        raise ValueError(f"labels must be (B, 1, D, H, W) or (B, D, H, W), got shape {tuple(labels.shape)}")
-    flat = labels.reshape(labels.shape[0], -1).long()
-    valid = (flat >= 0) & (flat < num_classes)
-    index = torch.where(valid, flat, torch.full_like(flat, num_classes))  # invalid → extra bin
-    counts = torch.zeros(flat.shape[0], num_classes + 1, dtype=torch.float32, device=labels.device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
-    return (counts[:, :num_classes] > 0).float()
 
 
 class EncodingLayer3D(nn.Module):
@@ -130,7 +107,7 @@ class ContextEncoding3D(nn.Module):
 
     ``forward(x)`` returns ``(features, aux)``: ``features = ReLU(x + x·γ)`` with x's shape;
     ``aux = {"se_presence": (B, num_classes) logits}`` in training (train with BCE-with-logits against
-    :func:`presence_targets`) and ``{}`` in eval mode.
+    :func:`medseg.losses.targets.presence_targets`) and ``{}`` in eval mode.
 
     Example:
         >>> cem = ContextEncoding3D(16, num_classes=4, num_codes=8)

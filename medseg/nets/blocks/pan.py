@@ -47,14 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.nets.blocks.common import ConvNormAct, get_norm
-
-
-def _resize(x: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Trilinear resize to ``size`` (no-op when the size already matches)."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+from medseg.nets.blocks.common import ConvNormAct, get_norm, resize_to
 
 
 class _AdaptiveDown(nn.Module):
@@ -118,8 +111,8 @@ class FeaturePyramidAttention3D(nn.Module):
             levels.append(refine(y))
         u = levels[-1]
         for level in reversed(levels[:-1]):
-            u = F.relu(level + _resize(u, level.shape[2:]))
-        return self.attention(_resize(u, x.shape[2:]))
+            u = F.relu(level + resize_to(u, level.shape[2:]))
+        return self.attention(resize_to(u, x.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         glob = self.global_conv(F.adaptive_avg_pool3d(x, 1))
@@ -161,4 +154,4 @@ class GlobalAttentionUpsample3D(nn.Module):
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         weighted = self.low_conv(low) * self.channel_weights(high)
-        return F.relu(weighted + _resize(self.high_proj(high), low.shape[2:]))
+        return F.relu(weighted + resize_to(self.high_proj(high), low.shape[2:]))

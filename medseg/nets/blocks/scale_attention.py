@@ -34,17 +34,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-FUSIONS = ("attention", "average", "max")
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Trilinear resize to ``size`` (no-op when the size already matches)."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+from medseg.nets.blocks.common import resize_to
+from medseg.nets.registry import SCALE_FUSIONS as FUSIONS
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
@@ -110,10 +103,10 @@ class ScaleAttention3D(nn.Module):
         size = x.shape[2:]
         logits, features = [], []
         for s in self.scales:
-            xs = _resize(x, scaled_size(size, s))
+            xs = resize_to(x, scaled_size(size, s))
             lg, ft = self.backbone.forward_features(xs)
-            logits.append(_resize(lg, size))
-            features.append(_resize(ft, size))
+            logits.append(resize_to(lg, size))
+            features.append(resize_to(ft, size))
         return logits, features
 
     def _fuse(

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
-from medseg.io import InputError, atomic_path
+from medseg.io.atomic import atomic_path
+from medseg.io.nifti import InputError
 
 FORMAT = "medseg-checkpoint"
-VERSION = 1
+#: 2: the config has no ``model.skip_gate`` (the network name decides the gates); version-1 configs are
+#: migrated by :func:`medseg.config.migrate_config` when read.
+VERSION = 2
 REQUIRED = ("model", "config", "plan", "labels")
 
 

@@ -1,0 +1,58 @@
+"""What a network costs to run: parameters, FLOPs, CPU time and peak memory of one forward pass.
+
+Measured in a fresh Python process so that the peak-RSS figure is not polluted by earlier work:
+
+* parameters; GFLOPs of one forward pass on a ``1×1×size³`` patch (``torch.utils.flop_counter``,
+  multiply-add = 2 FLOPs, convolutions and matmuls only);
+* CPU milliseconds per forward (median of ``repeats`` after one untimed pass, eval mode, no grad);
+* peak memory: growth of the process's peak RSS during those passes, after a warm-up forward on a 64³ input
+  (weights, imports and the allocator's first arena are in the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from medseg.config import ModelConfig, config_to_dict
+
+_PROBE = r"""
+import json, resource, statistics, sys, time, torch
+from medseg.config import ModelConfig
+from medseg.nets.registry import build_network
+torch.set_num_threads(int(sys.argv[3]))
+model = ModelConfig(**json.loads(sys.argv[1])); size = int(sys.argv[2]); repeats = int(sys.argv[4])
+net = build_network(model, 1, int(sys.argv[5])).eval()
+x = torch.randn(1, 1, size, size, size)
+with torch.no_grad():
+    net(torch.randn(1, 1, 64, 64, 64))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter(); net(x); times.append(time.perf_counter() - t)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        net(x)
+print(json.dumps({"gflops": fc.get_total_flops() / 1e9, "ms": 1000 * statistics.median(times[1:]),
+                  "peak_mb": (after - before) / 1024, "params": sum(p.numel() for p in net.parameters())}))
+"""
+
+
+def measure_cost(
+    model: ModelConfig, num_classes: int, size: int = 96, repeats: int = 3, threads: int = 2
+) -> dict:
+    """``{"params", "gflops", "ms", "peak_mb"}`` of one ``size``³ forward, measured in a fresh process."""
+    args = [
+        sys.executable,
+        "-c",
+        _PROBE,
+        json.dumps(config_to_dict(model)),
+        str(size),
+        str(threads),
+        str(repeats),
+        str(num_classes),
+    ]
+    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
