@@ -5,4 +5,4 @@ The library never imports :mod:`pipelines` (the CLI and end-to-end workflows).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -64,3 +64,20 @@ def test_loss_counts_every_output_with_its_weight():
     )
     assert float(full - with_ds) == pytest.approx(expected, rel=1e-5)
     assert math.isfinite(float(full))
+
+
+def test_training_reads_volumes_through_medseg_io_and_names_a_broken_file(tiny_dataset, tmp_path):
+    """One volume reader: a truncated label in a training set fails with medseg's one-line reason."""
+    import shutil
+
+    from medseg.engine import train
+    from medseg.io import InputError
+    from tests.conftest import TINY_TRAIN
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    broken = sorted((data / "labelsTr").glob("*.nii.gz"))[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    cfg = load_config(None, [*TINY_TRAIN, f"data.root={data}", f"train.output={tmp_path / 'run'}"])
+    with pytest.raises(InputError, match=rf"{broken.name}: (truncated|not a readable)"):
+        train(cfg, log=lambda *_: None)

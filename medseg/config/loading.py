@@ -209,9 +209,11 @@ def recipe_path(name: str) -> Path:
     """
     package = Path(__file__).resolve().parents[1]
     relative = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    for folder in (package / "configs", package.parent / "configs"):
+    folders = [f for f in (package / "configs", package.parent / "configs") if f.is_dir()]
+    for folder in folders:
         if (folder / relative).is_file():
             return folder / relative
+    shipped = sorted({str(p.relative_to(f).with_suffix("")) for f in folders for p in f.rglob("*.yaml")})
     raise ConfigError(
-        f"no shipped recipe {name!r} (looked in {package / 'configs'} and {package.parent / 'configs'})"
+        f"no shipped recipe {name!r}{_did_you_mean('', name, shipped)} (recipes: {', '.join(shipped) or 'none found'})"
     )

@@ -31,7 +31,7 @@ from medseg.data.plan import make_plan
 from medseg.device import resolve_device
 from medseg.export import append_history, training_curves
 from medseg.inference.sliding import sliding_window_logits
-from medseg.io import atomic_write_text
+from medseg.io import InputError, atomic_write_text
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
 from medseg.metrics import dice_per_label
@@ -164,14 +164,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
 
     dcfg = cfg.data
     train_tf = train_transforms(plan, cfg.augment)
-    train_ds = CacheDataset(
-        train_cases, train_tf, cache_rate=dcfg.cache_rate, num_workers=None, progress=False
-    )
-    val_ds = (
-        CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg.cache_rate, progress=False)
-        if val_cases
-        else []
-    )
+    try:
+        train_ds = CacheDataset(
+            train_cases, train_tf, cache_rate=dcfg.cache_rate, num_workers=None, progress=False
+        )
+        val_ds = (
+            CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg.cache_rate, progress=False)
+            if val_cases
+            else []
+        )
+    except RuntimeError as exc:  # MONAI wraps a transform's error; surface medseg's one-line reason
+        raise _input_error_in(exc) or exc from None
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
     )
@@ -251,6 +254,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
     if not (out / "best.pt").exists() and (out / "last.pt").exists():  # no validation split: best = last
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
     return out
+
+
+def _input_error_in(exc: BaseException) -> InputError | None:
+    """The :class:`medseg.io.InputError` (names file and cause) inside MONAI's chain of wrapped errors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -2,7 +2,7 @@
 
 Deterministic part (shared by all three, cached by ``CacheDataset``)::
 
-    LoadImaged (nibabel, RAS affine) → EnsureChannelFirstd → Orientationd(plan orientation)
+    LoadVolumed (medseg.io.load_volume + MONAI NibabelReader, RAS affine) → EnsureChannelFirstd → Orientationd(plan orientation)
     → Spacingd(plan spacing; bilinear image / nearest label) → CropForegroundd(body: HU > -500)
     → CT intensity normalisation
 
@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 from monai import transforms as mt
+
+from medseg.transforms.reader import LoadVolumed
 
 BODY_HU_THRESHOLD = -500.0
 
@@ -57,11 +59,7 @@ def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) ->
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps = (
-        [mt.LoadImaged(keys, reader="NibabelReader", image_only=True), mt.EnsureChannelFirstd(keys)]
-        if load
-        else []
-    )
+    steps = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys)] if load else []
     steps += [
         mt.Orientationd(keys, axcodes=plan["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys, pixdim=plan["spacing"], mode=modes),
