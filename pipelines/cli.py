@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from pipelines.ablation import ablate_command
+from pipelines.check_dataset import check_dataset_command
 from pipelines.demo import demo_command
 from pipelines.evaluate import evaluate_command
 from pipelines.segment import segment_command
@@ -28,6 +29,7 @@ app.command("evaluate", help="Score predicted label maps against references (Dic
 app.command("segment")(segment_command)
 app.command("demo")(demo_command)
 app.command("ablate")(ablate_command)
+app.command("check-dataset")(check_dataset_command)
 
 
 def _quiet() -> None:
@@ -83,11 +85,18 @@ def train(
         cfg = load_config(config, set_ or [])  # checked before torch or any data is loaded
     except ConfigError as exc:
         _fail(str(exc))
+    from medseg.data.check import DatasetError
     from medseg.engine import train as run_train
     from medseg.io import InputError
 
     try:
         out = run_train(cfg, resume=resume, log=typer.echo)
+    except DatasetError as exc:  # every problem of the header check, one line each
+        for problem in exc.problems:
+            typer.echo(f"error: {problem.line()}", err=True)
+        root, count = cfg.data.root, len(exc.problems)
+        typer.echo(f"training not started: {count} problem(s) (medseg check-dataset {root})", err=True)
+        raise typer.Exit(2) from None
     except (ConfigError, InputError) as exc:
         _fail(str(exc))
     typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")

@@ -77,7 +77,7 @@ def evaluate_command(
     )
     if n_bad:
         typer.echo(
-            f"error: {len(summary['failed'])} case(s) failed, {len(summary['missing_predictions'])} reference(s) "
+            f"{len(summary['failed'])} case(s) failed, {len(summary['missing_predictions'])} reference(s) "
             "without prediction (see the summary JSON)",
             err=True,
         )

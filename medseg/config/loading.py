@@ -190,15 +190,29 @@ def migrate_config(raw: dict[str, Any], version: int) -> tuple[dict[str, Any], l
 def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> Config:
     """The checked :class:`Config` recorded in a loaded checkpoint, migrated from older format versions.
 
+    A checkpoint records its whole resolved config (:func:`config_to_dict`, every section, since version 1),
+    so a missing section is an incomplete or edited file — it is not filled with today's defaults, which
+    would silently rebuild another network than the one the weights belong to.
+
     Raises:
-        ConfigError: the recorded config is not a mapping, lacks sections or holds invalid values, named
-            with the checkpoint file.
+        ConfigError: the recorded config is not a mapping, lacks sections or holds invalid values — one line
+            naming the checkpoint file and the key, e.g. ``best.pt (recorded config): missing section model``.
     """
+    source = f"{path} (recorded config)"
     raw = ckpt.get("config")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: checkpoint config is not a mapping")
-    migrated, _ = migrate_config(raw, int(ckpt.get("version", 1)))
-    return config_from_dict(migrated, f"{path} (recorded config)")
+        raise ConfigError(f"{source}: not a mapping (found {type(raw).__name__})")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{path}: checkpoint format version is not an integer ({version!r})")
+    migrated, _ = migrate_config(raw, version)
+    missing = [name for name in SECTIONS if name not in migrated]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing section{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            "(incomplete or edited checkpoint)"
+        )
+    return config_from_dict(migrated, source)
 
 
 def recipe_path(name: str) -> Path:

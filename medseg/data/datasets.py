@@ -1,8 +1,10 @@
 """Case lists from a Medical Segmentation Decathlon (MSD) dataset folder, and deterministic splits.
 
 MSD layout: ``dataset.json`` with ``"labels": {"0": "background", "1": "liver", ...}`` and ``"training":
-[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``. Paths are resolved against the
-dataset folder.
+[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``. A ``dataset.json`` is untrusted
+input: every path it names is resolved with :func:`medseg.io.resolve_inside`, so an absolute path, a ``..``
+that climbs out or a symlink leading out of the dataset folder is refused, never read. The whole dataset is
+checked (every problem at once) by :func:`medseg.data.check.check_dataset`.
 """
 
 from __future__ import annotations
@@ -12,21 +14,47 @@ import os
 import random
 from pathlib import Path
 
-from medseg.io import InputError, case_name
+from medseg.io import InputError, UnsafePathError, case_name, resolve_inside
 from medseg.io.labels import parse_label_names
+
+#: The two keys of a training entry, in the order they are checked.
+ENTRY_KEYS = ("image", "label")
+
+
+class EntryError(InputError):
+    """A training entry of ``dataset.json`` that cannot be used: names the file, the entry and the cause.
+
+    ``file``, ``entry`` (``training[3] image``) and ``cause`` are kept apart for the dataset check's report.
+    """
+
+    def __init__(self, file: str | os.PathLike, entry: str, cause: str) -> None:
+        self.file, self.entry, self.cause = str(file), entry, cause
+        super().__init__(f"{file}: {entry}: {cause}")
 
 
 def read_dataset_json(root: str | os.PathLike) -> dict:
-    """Read ``<root>/dataset.json`` with a clear error when missing or malformed."""
+    """Read ``<root>/dataset.json``: an existing, valid JSON object with ``labels`` and ``training``.
+
+    Raises:
+        InputError: naming dataset.json and the cause (for invalid JSON, with line and column).
+    """
     path = Path(root) / "dataset.json"
-    if not path.exists():
-        raise InputError(f"{path}: dataset.json not found (expected an MSD dataset folder)")
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        raise InputError(f"{path}: dataset.json {what} (expected an MSD dataset folder)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON ({exc})") from None
-    if "labels" not in meta or "training" not in meta:
-        raise InputError(f"{path}: needs 'labels' and 'training' entries")
+        raise InputError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level, found {type(meta).__name__}")
+    missing = [key for key in ("labels", "training") if key not in meta]
+    if missing:
+        raise InputError(f"{path}: needs 'labels' and 'training' entries (missing {', '.join(missing)})")
     return meta
 
 
@@ -35,19 +63,48 @@ def label_names(meta: dict, source: str = "dataset.json") -> dict[str, int]:
     return parse_label_names(meta["labels"], source)
 
 
+def training_entries(meta: dict, root: str | os.PathLike) -> list:
+    """The ``training`` list of a dataset.json (checked to be a non-empty list)."""
+    source = Path(root) / "dataset.json"
+    entries = meta["training"]
+    if not isinstance(entries, list):
+        raise InputError(f"{source}: 'training' must be a list of entries, found {type(entries).__name__}")
+    if not entries:
+        raise InputError(f"{source}: no training cases listed")
+    return entries
+
+
+def entry_path(root: str | os.PathLike, index: int, entry: object, key: str) -> Path:
+    """The ``key`` (``"image"`` or ``"label"``) file of training entry ``index``, resolved inside ``root``.
+
+    Raises:
+        EntryError: the entry is not an object, lacks ``key``, or its path is absolute, climbs out with
+            ``..`` or leads out through a symlink.
+    """
+    source = Path(root) / "dataset.json"
+    if not isinstance(entry, dict):
+        raise EntryError(
+            source, f"training[{index}]", f"expected an object with 'image' and 'label', found {entry!r}"
+        )
+    if key not in entry:
+        raise EntryError(source, f"training[{index}]", f"has no {key!r}")
+    try:
+        return resolve_inside(root, entry[key])
+    except UnsafePathError as exc:
+        raise EntryError(source, f"training[{index}] {key}", exc.cause) from None
+
+
 def training_cases(root: str | os.PathLike) -> list[dict]:
-    """``[{"image": path, "label": path, "case": name}, ...]`` with absolute paths, checked to exist."""
+    """``[{"image": path, "label": path, "case": name}, ...]``, paths safely inside ``root``, checked to exist."""
     root = Path(root)
     meta = read_dataset_json(root)
     cases = []
-    for entry in meta["training"]:
-        image, label = root / entry["image"], root / entry["label"]
+    for index, entry in enumerate(training_entries(meta, root)):
+        image, label = (entry_path(root, index, entry, key) for key in ENTRY_KEYS)
         for p in (image, label):
             if not p.exists():
                 raise InputError(f"{p}: listed in {root / 'dataset.json'} but missing")
         cases.append({"image": str(image), "label": str(label), "case": case_name(image)})
-    if not cases:
-        raise InputError(f"{root / 'dataset.json'}: no training cases listed")
     return cases
 
 

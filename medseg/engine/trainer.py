@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 
-from medseg.config import Config, checkpoint_config, config_to_dict, dump_config
+from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
+from medseg.data.check import require_valid_dataset
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
 from medseg.data.plan import make_plan
 from medseg.device import resolve_device
 from medseg.export import append_history, training_curves
 from medseg.inference.sliding import sliding_window_logits
 from medseg.io import InputError, atomic_write_text
+from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
 from medseg.metrics import dice_per_label
@@ -117,14 +119,16 @@ def _set_rng_state(state: dict) -> None:
 def train(cfg: Config, resume: bool = False, log=print) -> Path:
     """Train the configured network; return the run folder. See the module docstring for outputs."""
     tcfg = cfg.train
+    root = cfg.data.root
+    if root is None:
+        raise ConfigError("data.root is not set (path to a dataset folder with dataset.json)")
+    require_valid_dataset(root)  # headers only, every problem at once (DatasetError); before any write
     out = Path(tcfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # temporary files of a killed earlier run (never a live writer's)
     device = resolve_device(tcfg.device)
     seed_everything(tcfg.seed)
 
-    root = cfg.data.root
-    if root is None:
-        raise ValueError("data.root is not set (path to a dataset folder with dataset.json)")
     meta = read_dataset_json(root)
     names = label_names(meta)
     cases = training_cases(root)
@@ -245,9 +249,11 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
             f", validation mean Dice {row['val_dice']:.4f} (best {best:.4f})" if "val_dice" in row else ""
         )
         log(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} ({row['seconds']:.0f} s){val_text}")
-        save_checkpoint(state(epoch), out / "last.pt")
+        # history first, checkpoint last: a kill in between re-runs this epoch on resume and its row is
+        # replaced, so metrics.csv never misses an epoch that last.pt holds
         append_history(out / "metrics.csv", row)
         training_curves(out / "metrics.csv", out / "curves.png")
+        save_checkpoint(state(epoch), out / "last.pt")
         if out_of_time:
             log(f"stopping after epoch {epoch + 1}: train.max_minutes={tcfg.max_minutes} reached")
             break

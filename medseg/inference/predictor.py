@@ -9,7 +9,7 @@ True
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +24,7 @@ from medseg.io import InputError, load_volume
 from medseg.io.checkpoint import load_checkpoint
 from medseg.nets.registry import build_network
 from medseg.transforms import infer_transforms
+from medseg.transforms.presets import BODY_HU_THRESHOLD, body_mask
 from medseg.transforms.resample import resample_to_reference
 
 
@@ -34,17 +35,51 @@ class Prediction:
     labels: np.ndarray
     reference: nib.Nifti1Image
     label_names: dict[str, int]
+    # One-line human-readable notes about this case (e.g. no body found); batch code prints them.
+    warnings: list[str] = field(default_factory=list)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "[" + ",".join(str(n) for n in tensor.shape) + "]"
+
+
+def state_dict_differences(saved: dict, expected: dict) -> list[str]:
+    """Where saved weights do not fit a network's ``state_dict``: one phrase per tensor, network order.
+
+    A tensor differs when its shape differs, when the network has it and the file does not, or the file has
+    it and the network does not — what makes ``load_state_dict`` fail, counted here instead of parsed from
+    PyTorch's error text.
+    """
+    out = []
+    for key, tensor in expected.items():
+        if key not in saved:
+            out.append(f"{key} {_shape(tensor)} missing from the file")
+        elif tuple(saved[key].shape) != tuple(tensor.shape):
+            out.append(f"{key} {_shape(saved[key])} vs {_shape(tensor)}")
+    out += [f"{key} {_shape(saved[key])} not in the network" for key in saved if key not in expected]
+    return out
 
 
 def model_from_checkpoint(
     ckpt: dict, device: torch.device, path: str | os.PathLike = "checkpoint"
 ) -> torch.nn.Module:
-    """Rebuild the network recorded in a checkpoint (config migrated if older) and load its weights (eval)."""
+    """Rebuild the network recorded in a checkpoint (config migrated if older) and load its weights (eval).
+
+    Raises:
+        ConfigError: the recorded config is incomplete or invalid (from :func:`checkpoint_config`).
+        InputError: the weights do not fit the recorded network, e.g. ``best.pt: weights do not match the
+            recorded network: 85 tensors differ, first encoder.0.0.0.weight [4,1,3,3,3] vs [8,1,3,3,3]``
+            (shape in the file vs shape in the network).
+    """
     cfg = checkpoint_config(ckpt, path)
     model = build_network(cfg.model, ckpt["plan"].get("in_channels", 1), len(ckpt["labels"]))
+    differ = state_dict_differences(ckpt["model"], model.state_dict())
+    if differ:
+        count = f"{len(differ)} tensor{'s differ' if len(differ) > 1 else ' differs'}"
+        raise InputError(f"{path}: weights do not match the recorded network: {count}, first {differ[0]}")
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # same names and shapes, yet refused (e.g. a dtype torch cannot copy)
         raise InputError(
             f"{path}: weights do not match the recorded network ({str(exc).splitlines()[0]})"
         ) from None
@@ -99,9 +134,29 @@ class Predictor:
         return torch.softmax(logits[0], dim=0).cpu()
 
     def predict(self, path: str | os.PathLike) -> Prediction:
-        """Segment one NIfTI file; raises :class:`medseg.io.InputError` for unusable input."""
+        """Segment one NIfTI file; raises :class:`medseg.io.InputError` for unusable input.
+
+        A scan with no body (the plan crops to voxels above :data:`BODY_HU_THRESHOLD` HU and none is left:
+        all air, or the few dense voxels vanish when resampled to the model grid) has nothing to segment:
+        the result is an all-background map of the scan's shape with a line in ``warnings``, not a
+        sliding window over an empty image.
+        """
         reference = load_volume(path)
         image = self.preprocess(reference)
+        if min(image.shape[1:]) == 0:
+            dense = np.any(body_mask(np.asarray(reference.dataobj)))
+            cause = (
+                f"no body left on the model grid (voxels above {BODY_HU_THRESHOLD:g} HU vanish when "
+                "resampled)"
+                if dense
+                else f"no body found (no voxel above {BODY_HU_THRESHOLD:g} HU)"
+            )
+            return Prediction(
+                labels=np.zeros(reference.shape[:3], dtype=np.uint8),
+                reference=reference,
+                label_names=self.label_names,
+                warnings=[f"{cause}: empty mask written"],
+            )
         probs = self.probabilities(image)
         restored = resample_to_reference(probs, image.affine, reference.affine, reference.shape[:3])
         labels = torch.argmax(restored, dim=0).numpy().astype(np.uint8)

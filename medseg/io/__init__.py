@@ -15,9 +15,11 @@ from medseg.io.nifti import (
     save_volume,
     voxel_spacing,
 )
+from medseg.io.paths import UnsafePathError, resolve_inside
 
 __all__ = [
     "InputError",
+    "UnsafePathError",
     "atomic_path",
     "atomic_write_text",
     "case_name",
@@ -26,6 +28,7 @@ __all__ = [
     "load_volume",
     "parse_label_names",
     "read_label_names",
+    "resolve_inside",
     "save_like",
     "save_volume",
     "voxel_spacing",

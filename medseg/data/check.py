@@ -1,0 +1,377 @@
+"""Check a whole training dataset and report every problem at once (``medseg check-dataset``).
+
+Like nnU-Net's ``--verify_dataset_integrity``, but it never stops at the first problem, and it is cheap where
+it can be: first ``dataset.json`` and the NIfTI *headers* (nibabel loads lazily: shape, affine and voxel type
+come from the first few hundred bytes, no voxel is read), then — in the full check only — each file's voxel
+data once, in parallel processes.
+
+Header part (``full=False``; ``medseg train`` runs it before anything else):
+
+* ``dataset.json`` exists, is valid JSON (line and column of a syntax error), an object with a ``labels``
+  mapping (MSD ``{"0": "background"}`` or nnU-Net ``{"background": 0}``, indices 0…K−1) and a non-empty
+  ``training`` list whose entries have an ``image`` and a ``label`` path;
+* every path resolves inside the dataset folder (:func:`medseg.io.resolve_inside`: no absolute paths, no
+  ``..`` climbing out, no symlink leading out) — a dataset.json is untrusted input;
+* every file exists and has a readable NIfTI header; 3D (or X×Y×Z×1); real-valued voxel type; plausible
+  voxel spacing (each > 0 and < :data:`MAX_SPACING_MM`); a non-degenerate affine; an uncompressed file as
+  long as its header says;
+* image and label of an entry have the same shape and the same affine (within :data:`AFFINE_TOLERANCE_MM`
+  per entry; the largest difference is printed);
+* no file is listed twice and no two entries share a case name.
+
+Voxel part (``full=True``): every file decompresses to the end (a truncated gzip is a problem, never
+Click's "Aborted."), images hold no NaN/inf, label values are integers and all declared in ``labels``.
+
+Files in ``imagesTr``/``labelsTr`` that no entry lists are not problems; they are reported as warnings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import multiprocessing
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.data.datasets import (
+    ENTRY_KEYS,
+    EntryError,
+    entry_path,
+    label_names,
+    read_dataset_json,
+    training_entries,
+)
+from medseg.io import InputError, case_name, is_nifti, voxel_spacing
+from medseg.io.atomic import TEMP_PREFIX
+from medseg.io.nifti import check_header, read_header
+
+#: Largest allowed difference between an image's and its label's affine entries (mm for the translation).
+AFFINE_TOLERANCE_MM = 1e-3
+#: Voxel sizes outside (0, MAX_SPACING_MM) mm are implausible for CT (a header error, not a scan).
+MAX_SPACING_MM = 20.0
+_COMPRESSED_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a dataset: the file(s) it concerns and the cause, printed as one line."""
+
+    files: tuple[str, ...]
+    cause: str
+
+    def line(self) -> str:
+        """``"<file>[, <file>]: <cause>"`` — what ``medseg check-dataset`` prints after ``error:``."""
+        return f"{', '.join(self.files)}: {self.cause}"
+
+
+@dataclass
+class DatasetReport:
+    """Everything :func:`inspect_dataset` found: problems, warnings, and what the dataset holds."""
+
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    num_cases: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def add(self, files: str | os.PathLike | tuple, cause: str) -> None:
+        names = tuple(map(str, files)) if isinstance(files, tuple) else (str(files),)
+        self.problems.append(Problem(names, " ".join(cause.split())))
+
+
+class DatasetError(InputError):
+    """A dataset with problems; ``problems`` lists them, the message joins their lines with ``; ``."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(p.line() for p in self.problems))
+
+
+@dataclass(frozen=True)
+class _Header:
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
+def check_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True) -> list[Problem]:
+    """Every problem of the dataset in ``root`` (empty list: usable). See the module docstring.
+
+    ``full=False`` reads headers only; ``full=True`` also reads each file's voxels once, with ``workers``
+    processes.
+
+    Raises:
+        InputError: ``root`` is not a folder (nothing to check).
+    """
+    return inspect_dataset(root, workers=workers, full=full).problems
+
+
+def require_valid_dataset(root: str | os.PathLike) -> DatasetReport:
+    """The header-only check, raising when it finds anything (what ``medseg train`` runs first).
+
+    Raises:
+        DatasetError: listing every problem found.
+    """
+    report = inspect_dataset(root, full=False)
+    if report.problems:
+        raise DatasetError(report.problems)
+    return report
+
+
+def inspect_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True) -> DatasetReport:
+    """Like :func:`check_dataset`, returning the whole :class:`DatasetReport` (for the CLI's summary)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder {'is not a folder' if root.exists() else 'not found'}")
+    report = DatasetReport(root)
+    source = root / "dataset.json"
+    try:
+        meta = read_dataset_json(root)
+    except InputError as exc:
+        report.add(source, str(exc).removeprefix(f"{source}: "))
+        return report
+    declared = _check_labels(meta, report)
+    try:
+        entries = training_entries(meta, root)
+    except InputError as exc:
+        report.add(source, str(exc).removeprefix(f"{source}: "))
+        return report
+    report.num_cases = len(entries)
+
+    paths: dict[int, dict[str, Path]] = {}  # entry index → key → path
+    for index, entry in enumerate(entries):
+        errors: dict[str, EntryError] = {}
+        for key in ENTRY_KEYS:
+            try:
+                paths.setdefault(index, {})[key] = entry_path(root, index, entry, key)
+            except EntryError as exc:
+                errors.setdefault(str(exc), exc)  # a non-object entry fails alike for both keys: once
+        for exc in errors.values():
+            report.add(exc.file, f"{exc.entry}: {exc.cause}")
+
+    headers = _check_files(paths, report)
+    _check_pairs(paths, headers, report)
+    _check_duplicates(paths, report)
+    _warn_unlisted(root, paths, report)
+    if full:
+        _check_voxels(paths, headers, declared, workers, report)
+    return report
+
+
+def _check_labels(meta: dict, report: DatasetReport) -> set[int] | None:
+    """Label names parse and are numbered 0…K−1 (one network output per label); the declared indices."""
+    source = report.root / "dataset.json"
+    try:
+        names = label_names(meta, source="labels")
+    except InputError as exc:
+        report.add(source, str(exc))
+        return None
+    indices = sorted(names.values())
+    if indices != list(range(len(indices))):
+        report.add(
+            source,
+            f"labels: indices must be 0, 1, …, K−1 (one network output each); found {', '.join(map(str, indices))}",
+        )
+    report.labels = names
+    return set(indices)
+
+
+def _where(paths: dict[int, dict[str, Path]]) -> dict[Path, list[str]]:
+    """Each listed file (by its real location) → the entries naming it (``training[3] label``)."""
+    found: dict[Path, list[str]] = {}
+    for index, keys in paths.items():
+        for key, path in keys.items():
+            found.setdefault(path.resolve(), []).append(f"training[{index}] {key}")
+    return found
+
+
+def _check_files(paths: dict[int, dict[str, Path]], report: DatasetReport) -> dict[Path, _Header]:
+    """Existence and header of each listed file (each file once); the usable headers by path."""
+    headers: dict[Path, _Header] = {}
+    seen: set[Path] = set()
+    for index, keys in paths.items():
+        for key, path in keys.items():
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            header = _read_header(path, f"training[{index}] {key}")
+            if isinstance(header, str):
+                report.add(path, header)
+            else:
+                headers[path] = header
+    return headers
+
+
+def _read_header(path: Path, where: str) -> _Header | str:
+    """The header of one NIfTI file, or the cause that makes it unusable."""
+    if not path.exists():
+        if path.is_symlink():
+            return f"dangling symlink to {os.readlink(path)} (listed in dataset.json as {where})"
+        return f"file not found (listed in dataset.json as {where})"
+    if not path.is_file():
+        return f"is not a file (listed in dataset.json as {where})"
+    if path.stat().st_size == 0:
+        return "file is empty (0 bytes)"
+    try:  # the one header reader of medseg: voxel type, 3D, declared size against the file, spacing
+        header = read_header(path)
+        shape = check_header(path, header)
+    except InputError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        return "non-finite affine in the header"
+    spacing = voxel_spacing(affine)
+    if not np.all((spacing > 0) & (spacing < MAX_SPACING_MM)):
+        mm = " × ".join(f"{s:.4g}" for s in spacing)
+        return f"implausible voxel spacing {mm} mm (each must be > 0 and < {MAX_SPACING_MM:g} mm)"
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+        return "degenerate affine in the header (voxel axes are not independent)"
+    return _Header(shape, affine)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _check_pairs(
+    paths: dict[int, dict[str, Path]], headers: dict[Path, _Header], report: DatasetReport
+) -> None:
+    """Image and label of each entry share the voxel grid: same shape, same affine within tolerance."""
+    for keys in paths.values():
+        image, label = keys.get("image"), keys.get("label")
+        if image not in headers or label not in headers:
+            continue
+        a, b = headers[image], headers[label]
+        if a.shape != b.shape:
+            report.add(
+                (image, label),
+                f"image and label differ in shape: {_fmt_shape(a.shape)} vs {_fmt_shape(b.shape)}",
+            )
+            continue
+        diff = float(np.abs(a.affine - b.affine).max())
+        if diff > AFFINE_TOLERANCE_MM:
+            report.add(
+                (image, label),
+                f"image and label differ in affine: largest entry difference {diff:.3g} "
+                f"(tolerance {AFFINE_TOLERANCE_MM:g} mm)",
+            )
+
+
+def _check_duplicates(paths: dict[int, dict[str, Path]], report: DatasetReport) -> None:
+    """No file listed twice; no two image files giving the same case name (names key splits and outputs)."""
+    for real, where in _where(paths).items():
+        if len(where) > 1:
+            shown = next(p for keys in paths.values() for p in keys.values() if p.resolve() == real)
+            report.add(shown, f"listed {len(where)} times in dataset.json ({', '.join(where)})")
+    by_name: dict[str, dict[Path, Path]] = {}
+    for keys in paths.values():
+        if "image" in keys:
+            by_name.setdefault(case_name(keys["image"]), {}).setdefault(
+                keys["image"].resolve(), keys["image"]
+            )
+    for name, files in by_name.items():
+        if len(files) > 1:
+            report.add(
+                tuple(files.values()),
+                f"{len(files)} training images share the case name {name!r}; case names must be unique",
+            )
+
+
+def _warn_unlisted(root: Path, paths: dict[int, dict[str, Path]], report: DatasetReport) -> None:
+    listed = set(_where(paths))
+    for folder in (root / "imagesTr", root / "labelsTr"):
+        if not folder.is_dir():
+            continue
+        extra = [
+            p.name
+            for p in sorted(folder.iterdir())
+            if is_nifti(p) and not p.name.startswith((".", TEMP_PREFIX)) and p.resolve() not in listed
+        ]
+        if extra:
+            shown = ", ".join(extra[:5]) + (f", … ({len(extra) - 5} more)" if len(extra) > 5 else "")
+            report.warnings.append(
+                f"{folder}: {len(extra)} file(s) not listed in dataset.json (not used): {shown}"
+            )
+
+
+def _check_voxels(
+    paths: dict[int, dict[str, Path]],
+    headers: dict[Path, _Header],
+    declared: set[int] | None,
+    workers: int,
+    report: DatasetReport,
+) -> None:
+    """Read each file with a usable header once (``workers`` processes) and check its voxel values."""
+    tasks: dict[tuple[str, str], Path] = {}
+    for keys in paths.values():
+        for key, path in keys.items():
+            if path in headers:
+                tasks.setdefault((str(path.resolve()), key), path)
+    if workers > 1 and len(tasks) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+            futures = [pool.submit(scan_voxels, real, key) for real, key in tasks]
+            results = []
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except BrokenProcessPool:
+                    results.append(
+                        (
+                            "the worker process reading it stopped unexpectedly (killed, or out of memory)",
+                            None,
+                        )
+                    )
+    else:
+        results = [scan_voxels(real, key) for real, key in tasks]
+    for path, (cause, values) in zip(tasks.values(), results, strict=True):
+        if cause:
+            report.add(path, cause)
+        elif values is not None and declared is not None and (extra := sorted(set(values) - declared)):
+            known = ", ".join(map(str, sorted(declared)))
+            report.add(
+                path,
+                f"label values {', '.join(map(str, extra))} not declared in dataset.json labels (declared: {known})",
+            )
+
+
+def scan_voxels(path: str, role: str) -> tuple[str | None, list[int] | None]:
+    """Read one file's voxels to the end: ``(cause or None, label values for a label)``.
+
+    Images must be finite; labels integral (any dtype). Runs in a worker process (spawn), so it takes and
+    returns plain values and turns every failure into a cause rather than an exception.
+    """
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except _COMPRESSED_ERRORS as exc:
+        return f"truncated or corrupt compressed file ({exc})", None
+    except MemoryError:
+        return "voxel data too large to read into memory", None
+    except Exception as exc:
+        return f"cannot read voxel data, file truncated or corrupt ({type(exc).__name__}: {exc})", None
+    if role == "image":
+        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+            nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+            return f"image holds {nan} NaN and {inf} infinite voxel(s)", None
+        return None, None
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            return "label map holds NaN or infinite values", None
+        fractional = data != np.round(data)
+        if fractional.any():
+            example = float(data[fractional].flat[0])
+            return (
+                f"label values are not integers ({int(fractional.sum())} voxel(s), e.g. {example:g})",
+                None,
+            )
+        data = data.astype(np.int64)
+    if data.size and data.min() >= 0 and data.max() < 65536:
+        values = np.flatnonzero(np.bincount(data.ravel().astype(np.intp, copy=False)))
+    else:
+        values = np.unique(data)
+    return None, [int(v) for v in values]
