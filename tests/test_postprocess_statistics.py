@@ -65,3 +65,33 @@ def test_organ_statistics_by_hand(tmp_path):
     path = write_statistics_csv(tmp_path / "stats.csv", rows)
     lines = path.read_text().splitlines()
     assert lines[0].split(",") == list(STAT_COLUMNS) and len(lines) == 4
+
+
+def test_postprocessing_is_kept_only_where_it_does_not_lower_dice():
+    """Label 1: a spurious far blob in the prediction → largest component helps and is kept. Label 2: the
+    reference itself has two parts → largest component would lower Dice, so nothing is kept."""
+    from medseg.engine.validation import decide_postprocessing
+
+    ref = np.zeros((24, 24, 12), np.uint8)
+    ref[2:8, 2:8, 2:8] = 1
+    ref[14:18, 2:6, 2:6] = 2
+    ref[14:18, 16:20, 6:10] = 2
+    pred = ref.copy()
+    pred[20:22, 20:22, 1:3] = 1  # false positive, away from the liver
+    rules, report = decide_postprocessing([(pred, ref)], {"background": 0, "liver": 1, "spleen": 2}, (1, 1, 1))
+    assert rules["1"] == {"largest_only": True, "min_ml": 0.0}
+    assert report["liver"]["dice"]["largest_only"] > report["liver"]["dice"]["none"]
+    # spleen: the small-blob rule removes nothing (a tie with none: kept, nnU-Net's "does not lower"),
+    # the largest-component rule would delete half of it
+    assert report["spleen"]["chosen"] == "min_ml" and not rules["2"]["largest_only"]
+    assert report["spleen"]["dice"]["min_ml"] == report["spleen"]["dice"]["none"] == 1.0
+    assert report["spleen"]["dice"]["largest_only"] < report["spleen"]["dice"]["none"]
+
+
+def test_training_records_postprocessing_in_best_checkpoint(tiny_run):
+    from medseg.io.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    assert isinstance(ckpt["postprocess"], dict) and set(ckpt["postprocess_report"]) == {
+        name for name, index in ckpt["labels"].items() if index > 0
+    }

@@ -73,6 +73,9 @@ def make_plan(cfg, cases: list[dict], label_names: dict[str, int]) -> dict:
         "patch_size": [int(p) for p in cfg.augment.patch_size],
         "labels": dict(label_names),
         "in_channels": 1,
+        # model-space axes (plan orientation) the network saw mirrored in training: the only axes test-time
+        # mirroring may flip without a label-swap table (RandFlipd flips all three when flip_prob > 0)
+        "mirror_axes": [0, 1, 2] if cfg.augment.flip_prob > 0 else [],
         "fingerprint": {
             "median_spacing": fp["median_spacing"],
             "foreground": fp["foreground"],

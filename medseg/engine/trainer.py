@@ -30,13 +30,12 @@ from medseg.data.check import require_valid_dataset
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
 from medseg.data.plan import make_plan
 from medseg.device import resolve_device
+from medseg.engine.validation import decide_postprocessing, validate, validation_predictions
 from medseg.export import append_history, training_curves
-from medseg.inference.sliding import sliding_window_logits
 from medseg.io import InputError, atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
-from medseg.metrics import dice_per_label
 from medseg.nets.registry import build_network
 from medseg.transforms import train_transforms, val_transforms
 
@@ -77,27 +76,6 @@ def init_class_prior(model: torch.nn.Module, fractions: list[float], num_classes
 def _infinite(loader: DataLoader):
     while True:
         yield from loader
-
-
-@torch.no_grad()
-def validate(model, val_ds, cfg: Config, plan: dict, device: torch.device) -> dict[str, float]:
-    """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`."""
-    infer = cfg.infer
-    labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
-    per_label: dict[str, list[float]] = {name: [] for name in labels}
-    for item in val_ds:
-        image = torch.as_tensor(item["image"])[None].to(device)
-        logits = sliding_window_logits(
-            model, image, cfg.roi_size, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
-        )
-        pred = logits.argmax(1)[0].cpu().numpy()
-        ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)
-        scores = dice_per_label(pred, ref, list(labels.values()))
-        for name, idx in labels.items():
-            per_label[name].append(float(scores[idx]))
-    means = {name: float(np.mean(v)) for name, v in per_label.items()}
-    means["mean"] = float(np.mean(list(means.values()))) if means else float("nan")
-    return means
 
 
 def _rng_state() -> dict:
@@ -259,7 +237,23 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
             break
     if not (out / "best.pt").exists() and (out / "last.pt").exists():  # no validation split: best = last
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
+    if len(val_cases) and (out / "best.pt").exists():
+        _record_postprocessing(model, val_ds, cfg, plan, device, out / "best.pt", log)
     return out
+
+
+def _record_postprocessing(model, val_ds, cfg: Config, plan: dict, device, best: Path, log) -> None:
+    """Decide the per-label component cleanup with the best weights on the validation cases; store it in
+    ``best.pt`` (see :mod:`medseg.engine.validation`)."""
+    ckpt = load_checkpoint(best)
+    model.load_state_dict(ckpt["model"])
+    pairs = list(validation_predictions(model, val_ds, cfg, device))
+    rules, report = decide_postprocessing(pairs, plan["labels"], plan["spacing"])
+    ckpt["postprocess"] = rules
+    ckpt["postprocess_report"] = report
+    save_checkpoint(ckpt, best)
+    kept = [f"{name}: {r['chosen']}" for name, r in report.items() if r["chosen"] != "none"]
+    log(f"postprocessing kept on {len(pairs)} validation case(s): {', '.join(kept) or 'none'}")
 
 
 def _input_error_in(exc: BaseException) -> InputError | None:
