@@ -1,12 +1,14 @@
 """``medseg segment``: parse the options, call :func:`medseg.inference.batch.segment_inputs`, print.
 
-Progress lines go to stdout; problems to stderr, one line each: ``warning: <file>: <text>`` and, for every
-case that failed, ``error: <file>: <cause>``. Exit 0 all done, 1 some cases failed (the others written),
-2 the run could not start (missing input, unusable checkpoint, bad output).
+Progress lines go to stdout (and a progress bar to stderr when it is a terminal); problems to stderr, one
+line each: ``warning: <file>: <text>`` (also for DICOM series skipped as not CT) and, for every case that
+failed, ``error: <file>: <cause>``. Exit 0 all done, 1 some cases failed (the others written), 2 the run
+could not start (missing input, unusable checkpoint or option, bad output, unsafe archive).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,16 +20,49 @@ def _one_line(text: str) -> str:
 
 
 def segment_command(
-    input: Annotated[Path, typer.Option("-i", "--input", help="NIfTI file or folder of NIfTI files.")],
-    output: Annotated[
-        Path, typer.Option("-o", "--output", help="Output file (.nii.gz) for one input, or folder.")
+    input: Annotated[
+        Path,
+        typer.Option(
+            "-i",
+            "--input",
+            help="NIfTI file, DICOM series folder, folder of NIfTI files and/or DICOM series (any depth), "
+            "or a .zip of these.",
+        ),
     ],
-    model: Annotated[Path, typer.Option("-m", "--model", help="Checkpoint (best.pt) from medseg train.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output folder (or a .nii.gz for one NIfTI input).")
+    ],
+    model: Annotated[
+        list[Path],
+        typer.Option(
+            "-m",
+            "--model",
+            help="Checkpoint (best.pt), or a folder of folds (fold_*/best.pt) or of *.pt; repeat for an "
+            "ensemble.",
+        ),
+    ],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     overlap: Annotated[
         float | None, typer.Option(help="Sliding-window overlap (default: from checkpoint).")
     ] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation.")] = False,
+    precision: Annotated[
+        str, typer.Option(help="auto (fp32 on CPU, the checkpoint's AMP on CUDA) | fp32 | bf16 (autocast).")
+    ] = "auto",
+    postprocess: Annotated[
+        str, typer.Option(help="auto (the checkpoint's per-label component rules) | none.")
+    ] = "auto",
+    statistics: Annotated[
+        bool,
+        typer.Option("--statistics", help="Organ statistics: <case>_stats.json and statistics.csv."),
+    ] = False,
+    num_parts: Annotated[
+        int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
+    ] = None,
+    part_id: Annotated[
+        int | None, typer.Option(help="Part to run, 0..N-1 (default: from torchrun or a Slurm array).")
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -37,16 +72,31 @@ def segment_command(
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar.
 
-    Re-running into the same output folder skips the cases already done with the same input and
-    checkpoint (so a killed batch continues); --overwrite redoes them.
+    Re-running into the same output folder skips the cases already done with the same input, checkpoints
+    and options (so a killed batch continues); --overwrite redoes them. Under torchrun or a Slurm job array
+    each process does its share of the cases.
     """
     from medseg.config import ConfigError
     from medseg.inference.batch import segment_inputs
+    from medseg.inference.sharding import resolve_part
     from medseg.io import InputError
 
     try:
         report = segment_inputs(
-            input, output, model, device, overlap, sw_batch_size, log=typer.echo, overwrite=overwrite
+            input,
+            output,
+            model,
+            device,
+            overlap,
+            sw_batch_size,
+            log=typer.echo,
+            overwrite=overwrite,
+            tta=tta,
+            precision=precision,
+            postprocess=postprocess,
+            statistics=statistics,
+            part=resolve_part(num_parts, part_id),
+            progress=sys.stderr.isatty(),
         )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
@@ -54,9 +104,15 @@ def segment_command(
     for src, texts in report.warnings.items():
         for text in texts:
             text = _one_line(text)
-            typer.echo(f"warning: {text if text.startswith(f'{src}:') else f'{src}: {text}'}", err=True)
+            named = text.startswith((f"{src}:", f"{src} (series "))
+            typer.echo(f"warning: {text if named else f'{src}: {text}'}", err=True)
     for reason in report.failed.values():
         typer.echo(f"error: {_one_line(reason)}", err=True)
-    typer.echo(f"{len(report.written)} written, {len(report.failed)} failed, {len(report.skipped)} skipped")
+    if report.statistics_csv is not None:
+        typer.echo(f"statistics: {report.statistics_csv}")
+    typer.echo(
+        f"{len(report.written)} written, {len(report.failed)} failed, {len(report.skipped)} skipped, "
+        f"{len(report.skipped_modality)} skipped-modality"
+    )
     if report.failed:
         raise typer.Exit(1)

@@ -78,7 +78,9 @@ def test_postprocessing_is_kept_only_where_it_does_not_lower_dice():
     ref[14:18, 16:20, 6:10] = 2
     pred = ref.copy()
     pred[20:22, 20:22, 1:3] = 1  # false positive, away from the liver
-    rules, report = decide_postprocessing([(pred, ref)], {"background": 0, "liver": 1, "spleen": 2}, (1, 1, 1))
+    rules, report = decide_postprocessing(
+        [(pred, ref)], {"background": 0, "liver": 1, "spleen": 2}, (1, 1, 1)
+    )
     assert rules["1"] == {"largest_only": True, "min_ml": 0.0}
     assert report["liver"]["dice"]["largest_only"] > report["liver"]["dice"]["none"]
     # spleen: the small-blob rule removes nothing (a tie with none: kept, nnU-Net's "does not lower"),

@@ -1,16 +1,52 @@
-"""Segment a scan with a checkpoint: preprocess with its plan, slide, restore to the scan's geometry.
+"""Segment a scan with one checkpoint or an ensemble: preprocess with the plan, slide, average, restore, clean.
 
 >>> predictor = Predictor("runs/demo/best.pt")            # doctest: +SKIP
 >>> result = predictor.predict("ct.nii.gz")                 # doctest: +SKIP
 >>> result.labels.shape == result.reference.shape           # doctest: +SKIP
 True
+>>> Predictor(["fold0/best.pt", "fold1/best.pt"], tta=True, precision="bf16")   # doctest: +SKIP
+
+Memory. Stages of :meth:`Predictor.predict` and what each adds at its peak, counted per voxel of the input grid
+(``N`` voxels, ``s`` bytes each as stored: 2 for int16) and of the model grid (``M`` voxels after the body crop;
+``M ≈ r N`` with ``r`` = input voxel volume / plan voxel volume, 0.284 for a 0.8×0.8×1.5 mm CT on a 1.5 mm
+plan), for ``K`` classes:
+
+===========  ==================================================================================================
+read         the scan as stored, ``s N`` — kept to the end (it is ``Prediction.reference``)
+preprocess   ``s N`` (oriented copy) + ``12 M`` + one slab (:mod:`medseg.inference.preprocess`)
+network      ``4 M`` image + ``4 (K + 1) M`` MONAI stitching, softmax in place (:mod:`medseg.inference.sliding`);
+             with mirroring or an ensemble + ``4 K M`` accumulator + ``4 M`` flipped image
+             (:mod:`medseg.inference.tta`); + the network's activations for ``sw_batch_size`` windows
+restore      ``4 K M`` probabilities + ``N`` labels + one slab (:mod:`medseg.inference.restore`)
+postprocess  ``N`` labels + what :func:`medseg.inference.postprocess.apply_component_rules` needs
+===========  ==================================================================================================
+
+The network stage is the peak::
+
+    peak ≈ c + s N + (4 K + 8) M            one pass
+    peak ≈ c + s N + (8 K + 12) M           mirroring or an ensemble (any number of passes)
+
+i.e. ``s + r (4 K + 8)`` (or ``s + r (8 K + 12)``) bytes per input voxel plus ``c`` ≈ 1.35 GB: ≈ 0.5 GB for
+Python, torch, MONAI and the weights, ≈ 0.85 GB of activations of the default Attention U-Net (16..256) for two
+96×96×64 windows (measured on the CPU; activations scale with ``sw_batch_size`` and the patch). For an int16
+CT on a 1.5 mm plan that is ``4.3 + 1.14 K`` B per input voxel (``5.4 + 2.28 K`` with mirroring). A
+512×512×300 CT (``N`` = 78.6 M, ``M`` ≤ 22.4 M when the body fills the field of view) with ``K`` = 7 needs at
+most ≈ 2.3 GB (3.0 GB with mirroring); ``K`` ≤ 25 (12 with mirroring) stays under 4 GB at that size.
+``python -m pipelines.bench_segment`` measures it. Before (whole-volume float64 restore of all ``K`` channels,
+whole-volume float64 ``Spacingd``, a second buffer for the softmax) the restore alone peaked at ≈ 7.4 GB on
+that CT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -19,24 +55,42 @@ from monai.data import MetaTensor
 
 from medseg.config import checkpoint_config
 from medseg.device import resolve_device
-from medseg.inference.sliding import sliding_window_logits
-from medseg.io import InputError, load_volume
+from medseg.inference.ensemble import check_ensemble
+from medseg.inference.postprocess import ComponentRule
+from medseg.inference.preprocess import preprocess
+from medseg.inference.restore import restore_labels
+from medseg.inference.rules import clean_labels, component_rules
+from medseg.inference.sliding import sliding_window_logits, softmax_, with_cpu_stitching
+from medseg.inference.tta import average_probabilities, choose_flips, sagittal_axis
+from medseg.io import InputError, load_volume, voxel_spacing
 from medseg.io.checkpoint import load_checkpoint
 from medseg.nets.registry import build_network
 from medseg.transforms import infer_transforms
 from medseg.transforms.presets import BODY_HU_THRESHOLD, body_mask
-from medseg.transforms.resample import resample_to_reference
+
+#: ``precision`` values: float32, or bfloat16 autocast of the network (CPU and CUDA).
+PRECISIONS = ("fp32", "bf16")
+#: ``postprocess`` values besides a mapping ``label → rule``.
+POSTPROCESS_MODES = ("auto", "none")
 
 
 @dataclass
 class Prediction:
-    """A label map in the input's voxel grid, the input image it belongs to, and the label names."""
+    """A label map in the input's voxel grid, the input image it belongs to, and the label names.
+
+    ``info`` describes how it was made: ``checkpoints`` (paths), ``tta_flips`` (model-space axes of each
+    mirrored pass, ``[[]]`` without mirroring), ``precision``, ``model_grid`` (shape after preprocessing),
+    ``postprocess`` (per label name: ``label``, ``largest_only``, ``min_ml``, ``removed_voxels``), ``seconds``
+    per stage (read, preprocess, network, restore, postprocess, total) and ``peak_rss_gb`` (the process's peak
+    resident memory so far, after each stage).
+    """
 
     labels: np.ndarray
     reference: nib.Nifti1Image
     label_names: dict[str, int]
     # One-line human-readable notes about this case (e.g. no body found); batch code prints them.
     warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -86,65 +140,239 @@ def model_from_checkpoint(
     return model.to(device).eval()
 
 
+def autocast_dtype(precision: str | None, device: torch.device, amp: bool) -> tuple[torch.dtype | None, str]:
+    """``(dtype for torch.autocast or None, name)`` for a ``precision`` on ``device``.
+
+    ``"fp32"``: no autocast. ``"bf16"``: bfloat16 autocast of the network on the CPU or CUDA (the stitched
+    logits stay float32). ``None`` (the default): float32 on the CPU; on CUDA fp16 autocast when the
+    checkpoint's ``train.amp`` is true — what medseg did before ``precision`` existed.
+    """
+    if precision is None:
+        if device.type == "cuda" and amp:
+            return torch.float16, "fp16 (CUDA AMP, train.amp)"
+        return None, "fp32"
+    if precision == "fp32":
+        return None, "fp32"
+    if precision == "bf16":
+        return torch.bfloat16, "bf16"
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def peak_rss_gb() -> float | None:
+    """The process's peak resident memory so far in GB (``getrusage``), or None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)  # bytes on macOS, KiB on Linux
+
+
+class _Stages:
+    """Seconds per stage and the running peak RSS after each (``Prediction.info``)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.peak: dict[str, float | None] = {}
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self.last, 3)
+        self.peak[stage] = peak_rss_gb()
+        self.last = now
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "seconds": {**self.seconds, "total": round(time.perf_counter() - self.start, 3)},
+            "peak_rss_gb": self.peak,
+        }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class Predictor:
-    """Checkpoint → label maps for new scans, in each scan's exact shape and affine.
+    """Checkpoint(s) → label maps for new scans, in each scan's exact shape and affine.
 
     Args:
-        checkpoint: path to a medseg checkpoint (``best.pt``/``last.pt``).
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        overlap, sw_batch_size, roi_size: sliding-window settings; default from the checkpoint's config.
+        checkpoints: a medseg checkpoint (``best.pt``) or several (a fold ensemble: probabilities averaged;
+            they must share labels and plan, see :mod:`medseg.inference.ensemble`).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``. On CUDA the windows run on the GPU and the
+            stitching buffer too, unless it does not fit: then it is redone on the CPU, with a warning.
+        overlap, sw_batch_size, roi_size: sliding-window settings; default from the (first) checkpoint's
+            config, the window from each checkpoint's own config or patch size.
+        tta: test-time mirroring (:mod:`medseg.inference.tta`): flips the plan's ``mirror_axes`` allow, and
+            the sagittal flip when the label names give a left/right swap table.
+        precision: ``"fp32"`` | ``"bf16"`` | None (see :func:`autocast_dtype`).
+        postprocess: ``"auto"`` (the rules recorded in the first checkpoint, none if it has none), ``"none"``,
+            or a mapping ``label (index or name) → ComponentRule or {"largest_only", "min_ml"}``.
+
+    Raises:
+        InputError: an unusable checkpoint, checkpoints that cannot be averaged, malformed rules.
+        ConfigError: a checkpoint's recorded config is invalid.
+        ValueError: an unknown ``precision`` or ``postprocess`` mode.
     """
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike,
+        checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
         device: str = "auto",
         overlap: float | None = None,
         sw_batch_size: int | None = None,
-        roi_size: list[int] | None = None,
+        roi_size: Sequence[int] | None = None,
+        tta: bool = False,
+        precision: str | None = None,
+        postprocess: str | Mapping[Any, Any] = "auto",
     ) -> None:
+        paths = [checkpoints] if isinstance(checkpoints, str | os.PathLike) else list(checkpoints)
+        if not paths:
+            raise ValueError("no checkpoint given")
+        if isinstance(postprocess, str) and postprocess not in POSTPROCESS_MODES:
+            raise ValueError(
+                f"unknown postprocess {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)} or a mapping"
+            )
         self.device = resolve_device(device)
-        ckpt = load_checkpoint(checkpoint)
-        self.checkpoint = Path(checkpoint)
-        self.config = checkpoint_config(ckpt, checkpoint)
-        self.plan = ckpt["plan"]
-        self.label_names = {str(k): int(v) for k, v in ckpt["labels"].items()}
-        self.model = model_from_checkpoint(ckpt, self.device, checkpoint)
+        self.checkpoints = [Path(p) for p in paths]
+        self.checkpoint = self.checkpoints[0]
+        self.models: list[torch.nn.Module] = []
+        self.roi_sizes: list[list[int]] = []
+        self.checkpoint_sha256: list[str] = []
+        recorded: list[tuple[Path, dict]] = []
+        for path in self.checkpoints:
+            ckpt = load_checkpoint(path)
+            self.checkpoint_sha256.append(_sha256(path))
+            config = checkpoint_config(ckpt, path)
+            summary = {"labels": ckpt["labels"], "plan": ckpt["plan"], "postprocess": ckpt.get("postprocess")}
+            recorded.append((path, summary))
+            check_ensemble(recorded)  # before building further networks
+            self.models.append(model_from_checkpoint(ckpt, self.device, path))
+            window = roi_size or config.infer.roi_size or ckpt["plan"]["patch_size"]
+            self.roi_sizes.append([int(r) for r in window])
+            if len(recorded) == 1:
+                self.config = config
+            del ckpt  # the weights live in the network now
+        first = recorded[0][1]
+        self.plan = first["plan"]
+        self.label_names = {str(k): int(v) for k, v in first["labels"].items()}
+        self.model = self.models[0]
         infer = self.config.infer
-        self.roi_size = roi_size or infer.roi_size or self.plan["patch_size"]
+        self.roi_size = self.roi_sizes[0]
         self.overlap = infer.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
         self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
+        self.autocast, self.precision = autocast_dtype(precision, self.device, self.config.train.amp)
+        self.tta = bool(tta)
+        self.lr_axis = sagittal_axis(self.plan["orientation"])
+        self.tta_note: str | None = None
+        self.swap: dict[int, int] | None = None
+        self.flips: list[tuple[int, ...]] = [()]
+        if self.tta:
+            shared = set.intersection(
+                *({int(a) for a in p["plan"].get("mirror_axes", [])} for _, p in recorded)
+            )
+            self.flips, self.swap, self.tta_note = choose_flips(
+                self.label_names, self.plan["orientation"], sorted(shared)
+            )
+        if isinstance(postprocess, str):
+            raw = first["postprocess"] if postprocess == "auto" else None
+            source = f"{self.checkpoint} (recorded postprocessing)"
+        else:
+            raw, source = postprocess, "postprocess"
+        self.postprocess_rules: dict[int, ComponentRule] = component_rules(raw, self.label_names, source)
 
     def preprocess(self, reference: nib.Nifti1Image) -> MetaTensor:
         """Channel-first model-space image (MetaTensor with the model-space affine)."""
-        data = np.asarray(reference.dataobj, dtype=np.float32)[None]
-        image = MetaTensor(
-            torch.from_numpy(data), affine=torch.as_tensor(reference.affine, dtype=torch.float64)
-        )
-        return self.transforms({"image": image})["image"]
+        return preprocess(reference, self.transforms)
+
+    def _average(self, image: MetaTensor) -> tuple[torch.Tensor, list[str]]:
+        """Softmax ``(K, ...)`` on the model grid, averaged over mirrored passes and models; warnings."""
+        warnings: list[str] = []
+        stitch = [self.device]  # after a fallback, later passes of this case stitch on the CPU directly
+
+        def single(model: torch.nn.Module, roi: list[int]):
+            def predict(img: torch.Tensor) -> torch.Tensor:
+                def run(out_device: torch.device) -> torch.Tensor:
+                    logits = sliding_window_logits(
+                        model,
+                        img[None].to(out_device),
+                        roi,
+                        self.overlap,
+                        self.sw_batch_size,
+                        self.mode,
+                        amp=False,
+                        autocast_dtype=self.autocast,
+                        sw_device=self.device,
+                        out_device=out_device,
+                    )[0]
+                    return softmax_(logits).cpu()
+
+                probs, notes = with_cpu_stitching(run, stitch[0])
+                if notes:
+                    stitch[0] = torch.device("cpu")
+                    warnings.extend(n for n in notes if n not in warnings)
+                return probs
+
+            return predict
+
+        passes = [single(m, r) for m, r in zip(self.models, self.roi_sizes, strict=True)]
+        probs = average_probabilities(image.as_tensor(), passes, self.flips, self.swap, self.lr_axis)
+        return probs, warnings
 
     def probabilities(self, image: MetaTensor) -> torch.Tensor:
-        """Softmax probabilities ``(K, ...)`` on the model-space grid."""
-        batch = image.as_tensor()[None].to(self.device)
-        logits = sliding_window_logits(
-            self.model, batch, self.roi_size, self.overlap, self.sw_batch_size, self.mode
-        )
-        return torch.softmax(logits[0], dim=0).cpu()
+        """Softmax probabilities ``(K, ...)`` on the model-space grid (mirrored passes and models averaged)."""
+        return self._average(image)[0]
 
-    def predict(self, path: str | os.PathLike) -> Prediction:
-        """Segment one NIfTI file; raises :class:`medseg.io.InputError` for unusable input.
+    def _read(
+        self, source: str | os.PathLike | nib.spatialimages.SpatialImage
+    ) -> nib.spatialimages.SpatialImage:
+        if not isinstance(source, nib.spatialimages.SpatialImage):
+            return load_volume(source)
+        name = source.get_filename() or "image"
+        shape = source.shape
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+            raise InputError(f"{name}: expected a 3D volume, found shape {tuple(shape)}")
+        affine = np.asarray(source.affine, dtype=np.float64)
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+            raise InputError(f"{name}: degenerate or non-finite affine")
+        stored = getattr(source.dataobj, "dtype", np.dtype(np.float32))
+        if stored.kind == "f" and not np.all(np.isfinite(np.asanyarray(source.dataobj))):
+            raise InputError(f"{name}: voxel data contains NaN or infinite values")
+        return source
+
+    def predict(self, source: str | os.PathLike | nib.spatialimages.SpatialImage) -> Prediction:
+        """Segment one scan — a NIfTI path or an image already read (e.g. :func:`medseg.io.dicom.read_series`).
 
         A scan with no body (the plan crops to voxels above :data:`BODY_HU_THRESHOLD` HU and none is left:
         all air, or the few dense voxels vanish when resampled to the model grid) has nothing to segment:
         the result is an all-background map of the scan's shape with a line in ``warnings``, not a
         sliding window over an empty image.
+
+        Raises:
+            InputError: unusable input (one line naming the file).
         """
-        reference = load_volume(path)
+        stages = _Stages()
+        reference = self._read(source)
+        stages.done("read")
         image = self.preprocess(reference)
+        stages.done("preprocess")
+        info: dict[str, Any] = {
+            "checkpoints": [str(p) for p in self.checkpoints],
+            "tta_flips": [list(f) for f in self.flips],
+            "precision": self.precision,
+            "model_grid": [int(n) for n in image.shape[1:]],
+        }
+        if self.tta_note:
+            info["tta_note"] = self.tta_note
+        shape = tuple(int(n) for n in reference.shape[:3])
         if min(image.shape[1:]) == 0:
-            dense = np.any(body_mask(np.asarray(reference.dataobj)))
+            dense = np.any(body_mask(np.asanyarray(reference.dataobj)))
             cause = (
                 f"no body left on the model grid (voxels above {BODY_HU_THRESHOLD:g} HU vanish when "
                 "resampled)"
@@ -152,12 +380,26 @@ class Predictor:
                 else f"no body found (no voxel above {BODY_HU_THRESHOLD:g} HU)"
             )
             return Prediction(
-                labels=np.zeros(reference.shape[:3], dtype=np.uint8),
+                labels=np.zeros(shape, dtype=np.uint8),
                 reference=reference,
                 label_names=self.label_names,
                 warnings=[f"{cause}: empty mask written"],
+                info={**info, "postprocess": {}, **stages.info()},
             )
-        probs = self.probabilities(image)
-        restored = resample_to_reference(probs, image.affine, reference.affine, reference.shape[:3])
-        labels = torch.argmax(restored, dim=0).numpy().astype(np.uint8)
-        return Prediction(labels=labels, reference=reference, label_names=self.label_names)
+        probs, warnings = self._average(image)
+        model_affine = image.affine
+        del image
+        stages.done("network")
+        labels = restore_labels(probs, model_affine, reference.affine, shape)
+        del probs
+        stages.done("restore")
+        spacing = voxel_spacing(reference.affine)
+        labels, info["postprocess"] = clean_labels(labels, self.postprocess_rules, spacing, self.label_names)
+        stages.done("postprocess")
+        return Prediction(
+            labels=labels,
+            reference=reference,
+            label_names=self.label_names,
+            warnings=warnings,
+            info={**info, **stages.info()},
+        )

@@ -1,15 +1,32 @@
-"""Sliding-window inference: MONAI ``sliding_window_inference`` with Gaussian weighting, as a small function.
+"""Sliding-window inference: MONAI ``sliding_window_inference`` with Gaussian weighting, as small functions.
 
-Restoring the result to the input's voxel grid is :func:`medseg.transforms.resample.resample_to_reference`.
+* :func:`sliding_window_logits` — the stitched logits, with the autocast dtype and the devices of the windows
+  and of the stitching buffer as arguments.
+* :func:`softmax_` — softmax over the class axis in place (no second ``K × volume`` buffer).
+* :func:`with_cpu_stitching` — nnU-Net's fallback on CUDA: try with the whole output on the GPU, and when that
+  raises ``torch.cuda.OutOfMemoryError`` keep the windows on the GPU but stitch into a CPU buffer (MONAI's
+  ``sliding_window_inference(..., sw_device=cuda, device=cpu)``), saying so in a warning.
+
+Memory of the stitching (MONAI 1.x): a ``K``-channel output of the input's dtype (float32) and a one-channel
+weight-count map, both of the model grid's size, i.e. ``4 (K + 1)`` bytes per model-grid voxel, plus the
+network's activations for ``sw_batch_size`` windows (independent of the volume).
+
+Restoring the result to the input's voxel grid is :func:`medseg.inference.restore.restore_labels`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+T = TypeVar("T")
+
+#: The warning a case gets when its stitching fell back to the CPU.
+CPU_STITCHING_WARNING = "stitching on the CPU: the volume did not fit in GPU memory"
 
 
 @torch.no_grad()
@@ -21,15 +38,33 @@ def sliding_window_logits(
     sw_batch_size: int = 2,
     mode: str = "gaussian",
     amp: bool = True,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    sw_device: torch.device | str | None = None,
+    out_device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Logits ``(B, K, *image.shape[2:])`` by Gaussian-weighted sliding windows (on ``image.device``).
+    """Logits ``(B, K, *image.shape[2:])`` by Gaussian-weighted sliding windows, float32.
 
-    Autocast (fp16) is used on CUDA when ``amp``; the result is float32.
+    Args:
+        model, image, roi_size, overlap, sw_batch_size, mode: as MONAI's ``sliding_window_inference``
+            (volumes smaller than the window are padded, and the result cropped back).
+        amp: fp16 autocast when the windows run on CUDA (training's validation); ignored when
+            ``autocast_dtype`` is given.
+        autocast_dtype: autocast the network to this dtype on the windows' device (``torch.bfloat16`` on the
+            CPU or CUDA); ``None`` with ``amp=False`` runs in float32. The stitched output stays float32.
+        sw_device: device of the windows and the network (default: ``image.device``).
+        out_device: device of the stitching buffer (default: ``image.device``).
     """
     model.eval()
-    roi = [int(r) for r in roi_size]  # volumes smaller than the window are padded by MONAI
-    use_amp = amp and image.device.type == "cuda"
-    with torch.autocast(device_type=image.device.type, enabled=use_amp):
+    roi = [int(r) for r in roi_size]
+    window_device = torch.device(sw_device) if sw_device is not None else image.device
+    if autocast_dtype is not None:
+        autocast = torch.autocast(device_type=window_device.type, dtype=autocast_dtype)
+    else:
+        autocast = torch.autocast(
+            device_type=window_device.type, enabled=amp and window_device.type == "cuda"
+        )
+    with autocast:
         out = sliding_window_inference(
             torch.as_tensor(image),
             roi,
@@ -38,5 +73,32 @@ def sliding_window_logits(
             overlap=overlap,
             mode=mode,
             padding_mode="constant",
+            sw_device=sw_device,
+            device=out_device,
         )
     return torch.as_tensor(out).float()
+
+
+def softmax_(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Softmax along ``dim`` in place (``x - max``, ``exp``, ``/ sum``); temporaries are one channel."""
+    logits -= logits.amax(dim=dim, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=dim, keepdim=True)
+    return logits
+
+
+def with_cpu_stitching(run: Callable[[torch.device], T], device: torch.device) -> tuple[T, list[str]]:
+    """``run(device)``, and on CUDA, after ``torch.cuda.OutOfMemoryError``, ``run(cpu)`` with a warning.
+
+    ``run(out_device)`` does the sliding window with the stitching buffer on ``out_device`` (the windows stay on
+    ``device``). The retry happens outside the ``except`` block, so the failed attempt's traceback — and the GPU
+    tensors its frames hold — is released and the cache emptied first. Returns ``(result, warnings)``.
+    """
+    if device.type != "cuda":
+        return run(device), []
+    try:
+        return run(device), []
+    except torch.cuda.OutOfMemoryError:
+        pass
+    torch.cuda.empty_cache()
+    return run(torch.device("cpu")), [CPU_STITCHING_WARNING]
