@@ -69,7 +69,11 @@ def test_segment_folder_continues_and_reports_failures(tiny_run, tiny_dataset, b
     )
     assert result.exit_code == 1
     assert (out / "ok.nii.gz").exists() and (out / "ok.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "ok.json", "ok.nii.gz"]  # no partial or temp files
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.jsonl",
+        "ok.json",
+        "ok.nii.gz",
+    ]  # no partial or temp files
     for key in ("empty", "truncated", "2d", "4d"):
         assert files[key][0].name in result.output
     assert "1 written, 4 failed" in result.output

@@ -40,6 +40,7 @@ that CT.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import time
@@ -310,6 +311,7 @@ class Predictor:
                         autocast_dtype=self.autocast,
                         sw_device=self.device,
                         out_device=out_device,
+                        progress=_window_progress(img.shape[1:], roi),
                     )[0]
                     return softmax_(logits).cpu()
 
@@ -403,3 +405,13 @@ class Predictor:
             warnings=warnings,
             info={**info, **stages.info()},
         )
+
+
+#: Volumes needing more windows than this get a progress bar over windows (when stderr is a terminal).
+PROGRESS_MIN_WINDOWS = 64
+
+
+def _window_progress(shape, roi) -> bool:
+    """A window progress bar for large cases in an interactive terminal only (logs stay clean)."""
+    windows = math.prod(max(1, math.ceil(2 * int(n) / int(r)) - 1) for n, r in zip(shape, roi, strict=True))
+    return windows > PROGRESS_MIN_WINDOWS and sys.stderr.isatty()

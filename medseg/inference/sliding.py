@@ -42,6 +42,7 @@ def sliding_window_logits(
     autocast_dtype: torch.dtype | None = None,
     sw_device: torch.device | str | None = None,
     out_device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Logits ``(B, K, *image.shape[2:])`` by Gaussian-weighted sliding windows, float32.
 
@@ -54,6 +55,7 @@ def sliding_window_logits(
             CPU or CUDA); ``None`` with ``amp=False`` runs in float32. The stitched output stays float32.
         sw_device: device of the windows and the network (default: ``image.device``).
         out_device: device of the stitching buffer (default: ``image.device``).
+        progress: a progress bar over the windows on stderr (MONAI's tqdm bar), for large volumes.
     """
     model.eval()
     roi = [int(r) for r in roi_size]
@@ -75,6 +77,7 @@ def sliding_window_logits(
             padding_mode="constant",
             sw_device=sw_device,
             device=out_device,
+            progress=progress,
         )
     return torch.as_tensor(out).float()
 
