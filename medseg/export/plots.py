@@ -18,7 +18,8 @@ from medseg.io import atomic_path
 PLOT_METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "nsd")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +28,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, dpi: int) -> None:
+def save_png(fig, path: Path, dpi: int) -> None:
+    """Save a figure as PNG atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
 
@@ -35,7 +37,7 @@ def _save(fig, path: Path, dpi: int) -> None:
 def box_plots(stem: str | os.PathLike, rows: list[dict], names: dict[int, str]) -> list[Path]:
     """One box plot per metric, ``<stem>_<metric>.png``: one box per label over cases (finite values; the
     number of ``inf`` values is written under the label)."""
-    plt = _pyplot()
+    plt = pyplot()
     stem = Path(stem)
     labels = sorted({r["label"] for r in rows})
     written = []
@@ -55,7 +57,7 @@ def box_plots(stem: str | os.PathLike, rows: list[dict], names: dict[int, str]) 
         ax.set_title(f"{metric} per label ({len({r['case'] for r in rows})} cases)")
         fig.tight_layout()
         target = stem.with_name(f"{stem.name}_{metric}.png")
-        _save(fig, target, dpi=100)
+        save_png(fig, target, dpi=100)
         plt.close(fig)
         written.append(target)
     return written
@@ -66,7 +68,7 @@ def training_curves(metrics_csv: str | os.PathLike, png: str | os.PathLike) -> N
     rows = read_history(metrics_csv)
     if not rows:
         return
-    plt = _pyplot()
+    plt = pyplot()
 
     def series(key: str) -> tuple[list[int], list[float]]:
         pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
@@ -87,5 +89,5 @@ def training_curves(metrics_csv: str | os.PathLike, png: str | os.PathLike) -> N
     if dice_keys:
         ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _save(fig, Path(png), dpi=90)
+    save_png(fig, Path(png), dpi=90)
     plt.close(fig)
