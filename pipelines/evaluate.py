@@ -69,7 +69,7 @@ def evaluate_command(
     for warning in summary["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     for failure in summary["failed"]:
-        typer.echo(f"error: case {failure['case']}: {failure['error']}", err=True)
+        typer.echo(f"error: {failure['error']}", err=True)  # the message starts with the file
     n_bad = len(summary["failed"]) + len(summary["missing_predictions"])
     typer.echo(
         f"evaluated {summary['n_evaluated']}/{summary['n_cases']} cases -> {output} "

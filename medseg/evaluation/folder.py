@@ -52,12 +52,12 @@ def label_index_names(path: str | os.PathLike | None) -> dict[int, str]:
 
 
 def _load_labels(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(checked integer array, affine) of a label map."""
+    """(checked integer array, affine) of a label map; errors read ``<file>: <cause> (<what>)``."""
     try:
         img = load_volume(path)
     except InputError as exc:
-        raise ValueError(f"{what} {exc}") from None
-    array = check_label_map(np.asanyarray(img.dataobj), f"{what} {path}")
+        raise ValueError(f"{exc} ({what})") from None
+    array = check_label_map(np.asanyarray(img.dataobj), f"{path} ({what})")
     return array, np.asarray(img.affine, dtype=np.float64)
 
 
@@ -100,9 +100,9 @@ def evaluate_case(
     if not same_grid(pred.shape, pred_affine, ref.shape, ref_affine):
         if not resample_pred:
             raise ValueError(
-                f"geometry mismatch: prediction {pred_path} (shape {pred.shape}) vs reference {ref_path} "
-                f"(shape {ref.shape}): shapes or affines differ; use --resample-pred to resample the "
-                "prediction with nearest neighbour"
+                f"{pred_path}: geometry mismatch with its reference {ref_path} (shape {pred.shape} vs "
+                f"{ref.shape}, or the affines differ); use --resample-pred to resample the prediction with "
+                "nearest neighbour"
             )
         pred = onto_reference_grid(pred, pred_affine, ref_affine, ref.shape)
     spacing = voxel_spacing(ref_affine)
@@ -121,7 +121,10 @@ def _job(job: dict) -> dict:
     try:
         return {"case": case, "rows": evaluate_case(case, **job)}
     except Exception as exc:
-        return {"case": case, "error": " ".join(str(exc).split()) or type(exc).__name__}
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith((job["pred_path"], job["ref_path"])):  # every reason names its file first
+            message = f"{job['pred_path']}: {message}"
+        return {"case": case, "error": message}
 
 
 def match_cases(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
