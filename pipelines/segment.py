@@ -57,6 +57,13 @@ def segment_command(
         bool,
         typer.Option("--statistics", help="Organ statistics: <case>_stats.json and statistics.csv."),
     ] = False,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview",
+            help="Per case <case>_preview.png (3 planes, radiological) and a thumbnail; the review page index.html.",
+        ),
+    ] = False,
     num_parts: Annotated[
         int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
     ] = None,
@@ -95,6 +102,7 @@ def segment_command(
             precision=precision,
             postprocess=postprocess,
             statistics=statistics,
+            preview=preview,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
         )
@@ -110,6 +118,8 @@ def segment_command(
         typer.echo(f"error: {_one_line(reason)}", err=True)
     if report.statistics_csv is not None:
         typer.echo(f"statistics: {report.statistics_csv}")
+    if report.review_page is not None:
+        typer.echo(f"review page: {report.review_page}")
     typer.echo(
         f"{len(report.written)} written, {len(report.failed)} failed, {len(report.skipped)} skipped, "
         f"{len(report.skipped_modality)} skipped-modality"

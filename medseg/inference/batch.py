@@ -81,7 +81,7 @@ from medseg.inference.outputs import (
 )
 from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Prediction, Predictor
 from medseg.inference.sharding import Part
-from medseg.io import InputError, atomic_write_text, is_nifti, load_volume, save_like
+from medseg.io import InputError, atomic_write_text, case_name, is_nifti, load_volume, save_like
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.cases import check_case_file
 from medseg.io.dicom import read_series
@@ -102,6 +102,7 @@ class SegmentReport:
     removed_temps: list[Path] = field(default_factory=list)
     part: Part = field(default_factory=Part)
     statistics_csv: Path | None = None
+    review_page: Path | None = None
 
 
 def _jsonable(mode: str | Mapping) -> str | dict:
@@ -177,10 +178,12 @@ class _Batch:
         statistics: bool,
         overwrite: bool,
         log: Callable[[str], object],
+        preview: bool = False,
     ) -> None:
         self.predictor, self.checkpoints, self.identity = predictor, checkpoints, identity
         self.output, self.single, self.folder = output, single, folder
         self.statistics, self.overwrite, self.log = statistics, overwrite, log
+        self.preview = preview
         self.report = SegmentReport()
         self.manifest: Manifest | None = None
 
@@ -221,7 +224,7 @@ class _Batch:
                 check_case_file(case.path)
             identity = {self._source_key(case): case_stamp(case), **self.identity}
             if not self.overwrite and is_complete(dst, identity):
-                note = self._complete_statistics(case, dst)
+                note = self._complete_statistics(case, dst) + self._complete_previews(case, dst)
                 report.skipped.append(dst)
                 if warnings := list((read_sidecar(dst) or {}).get("warnings", [])):
                     report.warnings[case.source] = warnings
@@ -283,7 +286,31 @@ class _Batch:
         if self.statistics:
             image = np.asanyarray(pred.reference.dataobj)
             self._write_statistics(case, dst, pred.labels, image, pred.reference.affine, pred.label_names)
+        for old in preview_paths(dst):
+            old.unlink(missing_ok=True)
         save_like(pred.labels, pred.reference, dst)
+        if self.preview:
+            self._write_previews(dst, pred.reference, pred.labels, pred.label_names)
+
+    def _write_previews(self, dst: Path, image, labels: np.ndarray, label_names: Mapping[str, int]) -> None:
+        """``<case>_preview.png`` (three planes, radiological convention) and ``<case>_thumb.png``."""
+        from medseg.export.preview import write_preview, write_thumbnail
+
+        full, thumb = preview_paths(dst)
+        write_preview(image, labels, label_names, full, title=case_name(dst))
+        write_thumbnail(image, labels, label_names, thumb)
+
+    def _complete_previews(self, case: CaseSource, dst: Path) -> str:
+        """Previews for a complete case that has none yet (from its mask and scan, no inference)."""
+        if not self.preview or all(p.is_file() for p in preview_paths(dst)):
+            return ""
+        import nibabel as nib
+
+        labels = np.asarray(nib.load(dst).dataobj)
+        scan = load_volume(case.path) if case.kind == "nifti" else read_series(case.series).image
+        names = (read_sidecar(dst) or {}).get("labels") or self.predictor.label_names
+        self._write_previews(dst, scan, labels, names)
+        return "; preview added"
 
     def _write_statistics(
         self,
@@ -330,6 +357,7 @@ def segment_inputs(
     statistics: bool = False,
     part: Part | None = None,
     progress: bool = False,
+    preview: bool = False,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -343,6 +371,8 @@ def segment_inputs(
         log: receives one progress line per case.
         overwrite: redo complete cases.
         statistics: write ``<case>_stats.json`` and rebuild ``statistics.csv``.
+        preview: write ``<case>_preview.png`` / ``<case>_thumb.png`` and the batch review page
+            ``index.html`` (:mod:`medseg.export.review`; rebuilt from every case in the folder).
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
         progress: show a progress bar over the cases on stderr.
 
@@ -376,7 +406,9 @@ def segment_inputs(
         "precision": predictor.precision,  # resolved: fp32 | bf16 | fp16
         "postprocess": _jsonable(postprocess),
     }
-    batch = _Batch(predictor, checkpoints, identity, output, single, folder, statistics, overwrite, log)
+    batch = _Batch(
+        predictor, checkpoints, identity, output, single, folder, statistics, overwrite, log, preview
+    )
     report = batch.report
     report.part = part
     report.removed_temps = remove_stale_temps(folder)
@@ -394,4 +426,14 @@ def segment_inputs(
         batch.run(mine, progress)
     if statistics and not single:
         report.statistics_csv = write_statistics_table(folder)
+    if preview and not single:
+        from medseg.export.review import collect_cases, write_review_page
+
+        report.review_page = write_review_page(folder, collect_cases(folder))
     return report
+
+
+def preview_paths(mask_path: Path) -> tuple[Path, Path]:
+    """``(<case>_preview.png, <case>_thumb.png)`` beside ``<case>.nii.gz`` (the names the review page reads)."""
+    name = case_name(mask_path)
+    return mask_path.parent / f"{name}_preview.png", mask_path.parent / f"{name}_thumb.png"

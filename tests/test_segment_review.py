@@ -1,0 +1,75 @@
+"""``medseg segment --preview`` and ``medseg review`` through the real CLI: previews per case, the review page
+listing every case with its thumbnail, rendered by a headless browser when one is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from tests.bad_inputs.cli import assert_no_temp_files, run_cli
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+
+def _images(page: Path) -> list[str]:
+    parser = _Page()
+    parser.feed(page.read_text())
+    return parser.images
+
+
+def test_segment_preview_writes_previews_and_the_review_page(tiny_run, tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("segment", "-i", tiny_dataset / "imagesTs", "-o", out, "-m", tiny_run / "best.pt",
+                     "--device", "cpu", "--statistics", "--preview")  # fmt: skip
+    assert result.code == 0, result.output
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (tiny_dataset / "imagesTs").glob("*.nii.gz"))
+    for case in cases:
+        preview = mpimg.imread(out / f"{case}_preview.png")
+        assert preview.shape[0] > 100 and preview.shape[1] > 200  # three panels side by side
+        assert (out / f"{case}_thumb.png").is_file()
+    page = out / "index.html"
+    assert f"review page: {page}" in result.stdout
+    html = page.read_text()
+    assert all(case in html for case in cases)
+    images = _images(page)
+    assert len(images) == len(cases) and all((out / src).is_file() for src in images)
+    assert_no_temp_files(out)
+
+    # previews are made for complete cases without inference; `medseg review` rewrites the page
+    for case in cases:
+        (out / f"{case}_preview.png").unlink()
+    again = run_cli("segment", "-i", tiny_dataset / "imagesTs", "-o", out, "-m", tiny_run / "best.pt",
+                    "--device", "cpu", "--preview")  # fmt: skip
+    assert again.code == 0 and again.stdout.count("preview added") == len(cases), again.output
+    page.unlink()
+    review = run_cli("review", out)
+    assert review.code == 0 and page.is_file() and f"{len(cases)} cases" in review.stdout, review.output
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not on PATH: the rendered page is checked in tests/test_review_browser.py")
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert all(case in dom for case in cases) and dom.count("<img") >= len(cases)
+
+
+def test_review_of_a_folder_without_cases_is_one_error(tmp_path):
+    result = run_cli("review", tmp_path)
+    assert result.code == 2 and result.error_lines() == [
+        f"error: {tmp_path}: no segmented case found (no <case>.json sidecar)"
+    ]
