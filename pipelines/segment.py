@@ -64,6 +64,13 @@ def segment_command(
             help="Per case <case>_preview.png (3 planes, radiological) and a thumbnail; the review page index.html.",
         ),
     ] = False,
+    attention: Annotated[
+        bool,
+        typer.Option(
+            "--attention",
+            help="Attention U-Net gate coefficients per level on the scan's grid: <case>_alpha_levelN.nii.gz + .png.",
+        ),
+    ] = False,
     num_parts: Annotated[
         int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
     ] = None,
@@ -103,6 +110,7 @@ def segment_command(
             postprocess=postprocess,
             statistics=statistics,
             preview=preview,
+            attention=attention,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
         )

@@ -73,3 +73,26 @@ def test_review_of_a_folder_without_cases_is_one_error(tmp_path):
     assert result.code == 2 and result.error_lines() == [
         f"error: {tmp_path}: no segmented case found (no <case>.json sidecar)"
     ]
+
+
+def test_segment_attention_writes_gate_maps_on_the_scan_grid(tiny_run, tiny_dataset, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    src = sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))[0]
+    out = tmp_path / "out"
+    result = run_cli(
+        "segment", "-i", src, "-o", out, "-m", tiny_run / "best.pt", "--device", "cpu", "--attention"
+    )
+    assert result.code == 0, result.output
+    case = src.name.removesuffix(".nii.gz")
+    maps = sorted(out.glob(f"{case}_alpha_level*.nii.gz"))
+    assert len(maps) == 3  # the tiny network has 5 levels: gates on skip levels 2, 3 and 4
+    scan = nib.load(src)
+    for path in maps:
+        alpha = nib.load(path)
+        assert alpha.shape == scan.shape and np.allclose(alpha.affine, scan.affine, atol=1e-6)
+        values = np.asarray(alpha.dataobj)
+        assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
+        assert path.with_name(path.name.replace(".nii.gz", ".png")).is_file()
+    assert_no_temp_files(out)

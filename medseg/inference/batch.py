@@ -81,7 +81,7 @@ from medseg.inference.outputs import (
 )
 from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Prediction, Predictor
 from medseg.inference.sharding import Part
-from medseg.io import InputError, atomic_write_text, case_name, is_nifti, load_volume, save_like
+from medseg.io import InputError, atomic_path, atomic_write_text, case_name, is_nifti, load_volume, save_like
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.cases import check_case_file
 from medseg.io.dicom import read_series
@@ -179,11 +179,12 @@ class _Batch:
         overwrite: bool,
         log: Callable[[str], object],
         preview: bool = False,
+        attention: bool = False,
     ) -> None:
         self.predictor, self.checkpoints, self.identity = predictor, checkpoints, identity
         self.output, self.single, self.folder = output, single, folder
         self.statistics, self.overwrite, self.log = statistics, overwrite, log
-        self.preview = preview
+        self.preview, self.attention = preview, attention
         self.report = SegmentReport()
         self.manifest: Manifest | None = None
 
@@ -291,6 +292,32 @@ class _Batch:
         save_like(pred.labels, pred.reference, dst)
         if self.preview:
             self._write_previews(dst, pred.reference, pred.labels, pred.label_names)
+        if self.attention:
+            self._write_attention(dst, pred, sidecar["warnings"])
+
+    def _write_attention(self, dst: Path, pred: Prediction, warnings: list[str]) -> None:
+        """Each gated level's α on the scan's grid (``<case>_alpha_levelN.nii.gz``, float32) and its overlay on
+        the CT (``<case>_alpha_levelN.png``); a network without gates gets a warning instead."""
+        import nibabel as nib
+
+        from medseg.export.preview import write_attention_overlay
+        from medseg.inference.attention import attention_maps
+
+        notes: list[str] = []
+        maps = attention_maps(self.predictor, pred.reference, notes=notes)
+        warnings.extend(notes)
+        name = case_name(dst)
+        for level, img in maps.items():
+            with atomic_path(dst.parent / f"{name}_{level}.nii.gz") as tmp:
+                nib.save(img, str(tmp))
+            write_attention_overlay(
+                pred.reference,
+                np.asarray(img.dataobj),
+                dst.parent / f"{name}_{level}.png",
+                labels=pred.labels,
+                label_names=pred.label_names,
+                title=f"{name}: {level.replace('_', ' ')}",
+            )
 
     def _write_previews(self, dst: Path, image, labels: np.ndarray, label_names: Mapping[str, int]) -> None:
         """``<case>_preview.png`` (three planes, radiological convention) and ``<case>_thumb.png``."""
@@ -358,6 +385,7 @@ def segment_inputs(
     part: Part | None = None,
     progress: bool = False,
     preview: bool = False,
+    attention: bool = False,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -373,6 +401,8 @@ def segment_inputs(
         statistics: write ``<case>_stats.json`` and rebuild ``statistics.csv``.
         preview: write ``<case>_preview.png`` / ``<case>_thumb.png`` and the batch review page
             ``index.html`` (:mod:`medseg.export.review`; rebuilt from every case in the folder).
+        attention: write the grid attention coefficients α of every gated level restored to the scan
+            (:func:`medseg.inference.attention.attention_maps`) as float NIfTI, and their overlays (PNG).
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
         progress: show a progress bar over the cases on stderr.
 
@@ -407,7 +437,17 @@ def segment_inputs(
         "postprocess": _jsonable(postprocess),
     }
     batch = _Batch(
-        predictor, checkpoints, identity, output, single, folder, statistics, overwrite, log, preview
+        predictor,
+        checkpoints,
+        identity,
+        output,
+        single,
+        folder,
+        statistics,
+        overwrite,
+        log,
+        preview,
+        attention,
     )
     report = batch.report
     report.part = part
