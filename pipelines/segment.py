@@ -71,6 +71,14 @@ def segment_command(
             help="Attention U-Net gate coefficients per level on the scan's grid: <case>_alpha_levelN.nii.gz + .png.",
         ),
     ] = False,
+    output_type: Annotated[
+        str,
+        typer.Option(
+            "--output-type",
+            help="Comma-separated: nifti (always), dicom-seg | dicom-seg-labelmap (DICOM inputs), slicer (.seg.nrrd).",
+        ),
+    ] = "nifti",
+    split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
     num_parts: Annotated[
         int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
     ] = None,
@@ -111,6 +119,8 @@ def segment_command(
             statistics=statistics,
             preview=preview,
             attention=attention,
+            output_types=output_type,
+            split=split,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
         )

@@ -96,3 +96,59 @@ def test_segment_attention_writes_gate_maps_on_the_scan_grid(tiny_run, tiny_data
         assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
         assert path.with_name(path.name.replace(".nii.gz", ".png")).is_file()
     assert_no_temp_files(out)
+
+
+def test_segment_exports_dicom_seg_and_viewer_files(tiny_run, tiny_dataset, tmp_path):
+    """A DICOM series → DICOM SEG (read back with highdicom, referencing the source instances), a Slicer
+    .seg.nrrd, per-organ masks and the ITK-SNAP label file; a NIfTI input in the same batch gets no SEG and
+    a warning saying why."""
+    import highdicom as hd
+    import nibabel as nib
+    import numpy as np
+    import pydicom
+    import torch
+
+    from medseg.data.dicom_series import write_ct_series
+    from medseg.data.phantoms import generate_phantom
+    from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+
+    # the tiny network barely trained: bias its head towards "liver" so the masks are not empty
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + torch.tensor([0.0, 50.0, 0, 0, 0, 0, 0])
+    model = save_checkpoint(
+        {k: v for k, v in ckpt.items() if k not in ("format", "version")}, tmp_path / "liver.pt"
+    )
+    inp = tmp_path / "in"
+    ph = generate_phantom(31, (40, 40, 16), orientation="LPS")
+    series = write_ct_series(
+        ph.image, ph.affine, inp / "P9", patient_id="P9", series_number=3, descending=True
+    )
+    nifti = sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))[0]
+    (inp / nifti.name).write_bytes(nifti.read_bytes())
+    out = tmp_path / "out"
+    result = run_cli("segment", "-i", inp, "-o", out, "-m", model, "--device", "cpu",
+                     "--output-type", "nifti,dicom-seg,slicer", "--split")  # fmt: skip
+    assert result.code == 0, result.output
+    assert "no DICOM SEG: the input is NIfTI" in result.stderr
+    dicom_case = next(p.name.removesuffix(".json") for p in out.glob("P9_*.json"))
+    mask = np.asarray(nib.load(out / f"{dicom_case}.nii.gz").dataobj)
+    seg = hd.seg.segread(out / f"{dicom_case}_seg.dcm")
+    source = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    referenced = {
+        r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced <= set(series.sop_instance_uids)
+    written = {d.SegmentLabel for d in seg.SegmentSequence}
+    side = __import__("json").loads((out / f"{dicom_case}.json").read_text())
+    present = {name for name, idx in side["labels"].items() if idx > 0 and (mask == idx).any()}
+    assert "liver" in present and written == present
+    assert side["exports"]["dicom_seg"]["round_trip"] == "voxel for voxel identical"
+    for case in (dicom_case, nifti.name.removesuffix(".nii.gz")):
+        assert (out / f"{case}.seg.nrrd").is_file()
+        organs = sorted((out / f"{case}_organs").glob("*.nii.gz"))
+        assert len(organs) == len(side["labels"]) - 1
+    assert not (out / f"{nifti.name.removesuffix('.nii.gz')}_seg.dcm").exists()
+    assert (out / "itksnap_labels.txt").is_file()
+    assert_no_temp_files(out)

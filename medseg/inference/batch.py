@@ -61,6 +61,14 @@ from pathlib import Path
 import numpy as np
 
 from medseg.export.statistics import organ_statistics
+from medseg.inference.exports import (
+    parse_output_types,
+    preview_paths,
+    write_attention,
+    write_case_exports,
+    write_folder_exports,
+    write_previews,
+)
 from medseg.inference.inputs import (
     CaseSource,
     case_stamp,
@@ -81,7 +89,7 @@ from medseg.inference.outputs import (
 )
 from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Prediction, Predictor
 from medseg.inference.sharding import Part
-from medseg.io import InputError, atomic_path, atomic_write_text, case_name, is_nifti, load_volume, save_like
+from medseg.io import InputError, atomic_write_text, is_nifti, load_volume, save_like
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.cases import check_case_file
 from medseg.io.dicom import read_series
@@ -180,11 +188,13 @@ class _Batch:
         log: Callable[[str], object],
         preview: bool = False,
         attention: bool = False,
+        exports: tuple[tuple[str, ...], bool] = (("nifti",), False),
     ) -> None:
         self.predictor, self.checkpoints, self.identity = predictor, checkpoints, identity
         self.output, self.single, self.folder = output, single, folder
         self.statistics, self.overwrite, self.log = statistics, overwrite, log
         self.preview, self.attention = preview, attention
+        self.output_types, self.split = exports
         self.report = SegmentReport()
         self.manifest: Manifest | None = None
 
@@ -283,6 +293,17 @@ class _Batch:
         """Old mask and statistics out, sidecar in, statistics in, new mask in (module docstring)."""
         dst.unlink(missing_ok=True)
         statistics_path(dst).unlink(missing_ok=True)
+        if self.output_types != ("nifti",) or self.split:  # viewer files first: a failed SEG fails the case
+            sidecar["exports"], notes = write_case_exports(
+                case,
+                dst,
+                pred,
+                self.output_types,
+                self.split,
+                self.checkpoints[0],
+                self.identity["checkpoint_sha256"][0],
+            )
+            sidecar["warnings"].extend(case.shown(n) for n in notes)
         atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
         if self.statistics:
             image = np.asanyarray(pred.reference.dataobj)
@@ -291,41 +312,9 @@ class _Batch:
             old.unlink(missing_ok=True)
         save_like(pred.labels, pred.reference, dst)
         if self.preview:
-            self._write_previews(dst, pred.reference, pred.labels, pred.label_names)
+            write_previews(dst, pred.reference, pred.labels, pred.label_names)
         if self.attention:
-            self._write_attention(dst, pred, sidecar["warnings"])
-
-    def _write_attention(self, dst: Path, pred: Prediction, warnings: list[str]) -> None:
-        """Each gated level's α on the scan's grid (``<case>_alpha_levelN.nii.gz``, float32) and its overlay on
-        the CT (``<case>_alpha_levelN.png``); a network without gates gets a warning instead."""
-        import nibabel as nib
-
-        from medseg.export.preview import write_attention_overlay
-        from medseg.inference.attention import attention_maps
-
-        notes: list[str] = []
-        maps = attention_maps(self.predictor, pred.reference, notes=notes)
-        warnings.extend(notes)
-        name = case_name(dst)
-        for level, img in maps.items():
-            with atomic_path(dst.parent / f"{name}_{level}.nii.gz") as tmp:
-                nib.save(img, str(tmp))
-            write_attention_overlay(
-                pred.reference,
-                np.asarray(img.dataobj),
-                dst.parent / f"{name}_{level}.png",
-                labels=pred.labels,
-                label_names=pred.label_names,
-                title=f"{name}: {level.replace('_', ' ')}",
-            )
-
-    def _write_previews(self, dst: Path, image, labels: np.ndarray, label_names: Mapping[str, int]) -> None:
-        """``<case>_preview.png`` (three planes, radiological convention) and ``<case>_thumb.png``."""
-        from medseg.export.preview import write_preview, write_thumbnail
-
-        full, thumb = preview_paths(dst)
-        write_preview(image, labels, label_names, full, title=case_name(dst))
-        write_thumbnail(image, labels, label_names, thumb)
+            sidecar["warnings"].extend(write_attention(dst, self.predictor, pred))
 
     def _complete_previews(self, case: CaseSource, dst: Path) -> str:
         """Previews for a complete case that has none yet (from its mask and scan, no inference)."""
@@ -336,7 +325,7 @@ class _Batch:
         labels = np.asarray(nib.load(dst).dataobj)
         scan = load_volume(case.path) if case.kind == "nifti" else read_series(case.series).image
         names = (read_sidecar(dst) or {}).get("labels") or self.predictor.label_names
-        self._write_previews(dst, scan, labels, names)
+        write_previews(dst, scan, labels, names)
         return "; preview added"
 
     def _write_statistics(
@@ -386,6 +375,8 @@ def segment_inputs(
     progress: bool = False,
     preview: bool = False,
     attention: bool = False,
+    output_types: str = "nifti",
+    split: bool = False,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -401,6 +392,9 @@ def segment_inputs(
         statistics: write ``<case>_stats.json`` and rebuild ``statistics.csv``.
         preview: write ``<case>_preview.png`` / ``<case>_thumb.png`` and the batch review page
             ``index.html`` (:mod:`medseg.export.review`; rebuilt from every case in the folder).
+        output_types: comma-separated :data:`medseg.inference.exports.OUTPUT_TYPES` (``nifti`` always);
+            ``dicom-seg`` / ``dicom-seg-labelmap`` for DICOM inputs, ``slicer`` (``.seg.nrrd``).
+        split: one 0/1 mask per organ in ``<case>_organs/``.
         attention: write the grid attention coefficients α of every gated level restored to the scan
             (:func:`medseg.inference.attention.attention_maps`) as float NIfTI, and their overlays (PNG).
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
@@ -413,6 +407,10 @@ def segment_inputs(
     """
     input_path, output, part = Path(input_path), Path(output), part or Part()
     _check_options(precision, postprocess)
+    try:
+        types = parse_output_types(output_types)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if not input_path.exists() and not input_path.is_symlink():
         raise InputError(f"{input_path}: input not found")
     single = is_nifti(input_path) and not input_path.is_dir()
@@ -435,6 +433,8 @@ def segment_inputs(
         "tta": bool(tta),
         "precision": predictor.precision,  # resolved: fp32 | bf16 | fp16
         "postprocess": _jsonable(postprocess),
+        "output_types": list(types),
+        "split": split,
     }
     batch = _Batch(
         predictor,
@@ -448,6 +448,7 @@ def segment_inputs(
         log,
         preview,
         attention,
+        (types, split),
     )
     report = batch.report
     report.part = part
@@ -466,14 +467,10 @@ def segment_inputs(
         batch.run(mine, progress)
     if statistics and not single:
         report.statistics_csv = write_statistics_table(folder)
+    if ("slicer" in types or split) and not single:
+        write_folder_exports(folder, predictor.label_names)
     if preview and not single:
         from medseg.export.review import collect_cases, write_review_page
 
         report.review_page = write_review_page(folder, collect_cases(folder))
     return report
-
-
-def preview_paths(mask_path: Path) -> tuple[Path, Path]:
-    """``(<case>_preview.png, <case>_thumb.png)`` beside ``<case>.nii.gz`` (the names the review page reads)."""
-    name = case_name(mask_path)
-    return mask_path.parent / f"{name}_preview.png", mask_path.parent / f"{name}_thumb.png"
