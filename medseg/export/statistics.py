@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.io import atomic_write_text, voxel_spacing
+from medseg.metrics.overlap import label_boxes
 
 #: Columns of the batch CSV (one row per case and label), in order.
 STAT_COLUMNS = (
@@ -67,7 +68,7 @@ def organ_statistics(
     affine = np.asarray(affine, dtype=np.float64)
     voxel_ml = float(np.prod(voxel_spacing(affine))) / 1000.0
     wanted = {int(i): str(n) for n, i in label_names.items() if int(i) > 0}
-    boxes = ndimage.find_objects(_integer_labels(labels), max_label=max(wanted, default=0))
+    boxes = label_boxes(labels, max(wanted, default=0))
     rows = []
     for index, name in sorted(wanted.items()):
         box = boxes[index - 1] if index - 1 < len(boxes) else None
@@ -122,9 +123,3 @@ def write_statistics_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
         writer.writerow(cells)
     atomic_write_text(path, buf.getvalue())
     return Path(path)
-
-
-def _integer_labels(labels: np.ndarray) -> np.ndarray:
-    """``labels`` as ``find_objects`` takes them, without the 8-byte copy of a cast to int64 when the label map
-    is already an integer array (a uint8 512×512×300 map would otherwise cost 630 MB)."""
-    return labels if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 4 else labels.astype(np.int64)

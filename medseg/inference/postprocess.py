@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from medseg.metrics.overlap import label_boxes
+
 #: 26-connectivity: face, edge and corner neighbours.
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -74,7 +76,7 @@ def apply_component_rules(
     removed = dict.fromkeys(active, 0)
     if not active:
         return out, removed
-    boxes = ndimage.find_objects(_integer_labels(labels), max_label=max(active))
+    boxes = label_boxes(labels, max(active))
     for label, rule in active.items():
         box = boxes[label - 1]
         if box is None:
@@ -86,9 +88,3 @@ def apply_component_rules(
         removed[label] = int(drop.sum())
         out[box][drop] = 0
     return out, removed
-
-
-def _integer_labels(labels: np.ndarray) -> np.ndarray:
-    """``labels`` as ``find_objects`` takes them, without the 8-byte copy of a cast to int64 when the label map
-    is already an integer array (a uint8 512×512×300 map would otherwise cost 630 MB)."""
-    return labels if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 4 else labels.astype(np.int64)

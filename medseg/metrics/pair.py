@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medseg.metrics.overlap import overlap_from_counts, voxel_volume_ml
+from medseg.metrics.overlap import label_boxes, overlap_from_counts, voxel_volume_ml
 from medseg.metrics.surface import (
     SurfaceDistances,
     bounding_box,
@@ -157,12 +157,7 @@ def _label_boxes(a: np.ndarray, labels: Iterable[int]) -> dict[int, tuple[slice,
     if a.dtype == bool:
         box = bounding_box(a)
         return {lab: (box if lab == 1 else None) for lab in labels}
-    from scipy import ndimage
-
-    wanted = max(labels, default=0)
-    if wanted == 0:
-        return {lab: None for lab in labels}
-    objects = ndimage.find_objects(a if a.dtype != np.uint64 else a.astype(np.int64), max_label=wanted)
+    objects = label_boxes(a, max(labels, default=0))
     return {lab: (objects[lab - 1] if lab >= 1 else None) for lab in labels}
 
 
