@@ -14,6 +14,7 @@ from pipelines.ablation import ablate_command
 from pipelines.check_dataset import check_dataset_command
 from pipelines.demo import demo_command
 from pipelines.evaluate import evaluate_command
+from pipelines.export import export_command
 from pipelines.review import review_command
 from pipelines.segment import segment_command
 
@@ -32,6 +33,7 @@ app.command("demo")(demo_command)
 app.command("ablate")(ablate_command)
 app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
+app.command("export")(export_command)
 
 
 def _quiet() -> None:

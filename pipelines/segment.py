@@ -79,6 +79,13 @@ def segment_command(
         ),
     ] = "nifti",
     split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
+    uncertainty: Annotated[
+        bool,
+        typer.Option(
+            "--uncertainty",
+            help="<case>_entropy.nii.gz: normalised softmax entropy (0 certain .. 1 uniform) on the scan's grid.",
+        ),
+    ] = False,
     num_parts: Annotated[
         int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
     ] = None,
@@ -121,6 +128,7 @@ def segment_command(
             attention=attention,
             output_types=output_type,
             split=split,
+            uncertainty=uncertainty,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
         )

@@ -60,14 +60,17 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.export.qa import image_info
 from medseg.export.statistics import organ_statistics
 from medseg.inference.exports import (
     parse_output_types,
     preview_paths,
+    uncertainty_path,
     write_attention,
     write_case_exports,
     write_folder_exports,
     write_previews,
+    write_uncertainty,
 )
 from medseg.inference.inputs import (
     CaseSource,
@@ -251,6 +254,8 @@ class _Batch:
                 "warnings": warnings,
                 **identity,
                 "inference": pred.info,
+                "mean_entropy": pred.info.get("mean_entropy", {}),
+                "image_info": image_info(pred.reference).to_dict(),
                 **extra,
             }
             self._write_case(case, dst, sidecar, pred)
@@ -308,9 +313,11 @@ class _Batch:
         if self.statistics:
             image = np.asanyarray(pred.reference.dataobj)
             self._write_statistics(case, dst, pred.labels, image, pred.reference.affine, pred.label_names)
-        for old in preview_paths(dst):
+        for old in (*preview_paths(dst), uncertainty_path(dst)):
             old.unlink(missing_ok=True)
         save_like(pred.labels, pred.reference, dst)
+        if pred.uncertainty is not None:
+            write_uncertainty(dst, pred)
         if self.preview:
             write_previews(dst, pred.reference, pred.labels, pred.label_names)
         if self.attention:
@@ -377,6 +384,7 @@ def segment_inputs(
     attention: bool = False,
     output_types: str = "nifti",
     split: bool = False,
+    uncertainty: bool = False,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -395,6 +403,8 @@ def segment_inputs(
         output_types: comma-separated :data:`medseg.inference.exports.OUTPUT_TYPES` (``nifti`` always);
             ``dicom-seg`` / ``dicom-seg-labelmap`` for DICOM inputs, ``slicer`` (``.seg.nrrd``).
         split: one 0/1 mask per organ in ``<case>_organs/``.
+        uncertainty: write ``<case>_entropy.nii.gz``, the normalised softmax entropy on the scan's grid
+            (float32, 0 = certain, 1 = uniform). The per-label mean entropy is in every sidecar regardless.
         attention: write the grid attention coefficients α of every gated level restored to the scan
             (:func:`medseg.inference.attention.attention_maps`) as float NIfTI, and their overlays (PNG).
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
@@ -426,6 +436,7 @@ def segment_inputs(
         if precision == "auto"
         else precision,  # auto: fp32 on CPU, the checkpoint's AMP on CUDA
         postprocess=postprocess,
+        uncertainty=uncertainty,
     )
     identity = {
         "checkpoint_sha256": list(predictor.checkpoint_sha256),
@@ -435,6 +446,7 @@ def segment_inputs(
         "postprocess": _jsonable(postprocess),
         "output_types": list(types),
         "split": split,
+        "uncertainty": bool(uncertainty),
     }
     batch = _Batch(
         predictor,

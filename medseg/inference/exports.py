@@ -7,7 +7,8 @@
 * ``--split`` — one 0/1 mask per organ, ``<case>_organs/<case>_<organ>.nii.gz``;
 * ``--preview`` — ``<case>_preview.png`` (three planes, radiological convention) and ``<case>_thumb.png``;
 * ``--attention`` — each gated level's α on the scan's grid, ``<case>_alpha_levelN.nii.gz`` (float32) and its
-  overlay on the CT, ``<case>_alpha_levelN.png``.
+  overlay on the CT, ``<case>_alpha_levelN.png``;
+* ``--uncertainty`` — the normalised softmax entropy on the scan's grid, ``<case>_entropy.nii.gz`` (float32).
 
 The ITK-SNAP label description file (one per output folder, :func:`write_folder_exports`) lets ITK-SNAP open
 every ``<case>.nii.gz`` with names and colours.
@@ -24,7 +25,7 @@ from medseg.export.dicom_seg import write_dicom_seg
 from medseg.export.viewers import write_itksnap_labels, write_slicer_seg_nrrd, write_split_masks
 from medseg.inference.inputs import CaseSource
 from medseg.inference.predictor import Prediction
-from medseg.io import atomic_path, case_name
+from medseg.io import atomic_path, case_name, save_like
 
 #: ``--output-type`` values besides the NIfTI label map every case gets.
 OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-seg-labelmap", "slicer")
@@ -138,3 +139,13 @@ def write_attention(dst: Path, predictor, pred: Prediction) -> list[str]:
             title=f"{name}: {level.replace('_', ' ')}",
         )
     return notes
+
+
+def uncertainty_path(mask_path: Path) -> Path:
+    """``<case>_entropy.nii.gz`` beside ``<case>.nii.gz`` (the name the review page links as "uncertainty")."""
+    return mask_path.parent / f"{case_name(mask_path)}_entropy.nii.gz"
+
+
+def write_uncertainty(dst: Path, pred: Prediction) -> Path:
+    """The case's entropy map as float32 NIfTI in the scan's exact geometry (``pred.uncertainty``)."""
+    return save_like(pred.uncertainty, pred.reference, uncertainty_path(dst), dtype=np.float32)

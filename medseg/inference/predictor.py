@@ -57,6 +57,7 @@ from monai.data import MetaTensor
 from medseg.config import checkpoint_config
 from medseg.device import resolve_device
 from medseg.inference.ensemble import check_ensemble
+from medseg.inference.maps import entropy_map, label_means, restore_map
 from medseg.inference.postprocess import ComponentRule
 from medseg.inference.preprocess import preprocess
 from medseg.inference.restore import restore_labels
@@ -81,7 +82,9 @@ class Prediction:
 
     ``info`` describes how it was made: ``checkpoints`` (paths), ``tta_flips`` (model-space axes of each
     mirrored pass, ``[[]]`` without mirroring), ``precision``, ``model_grid`` (shape after preprocessing),
-    ``postprocess`` (per label name: ``label``, ``largest_only``, ``min_ml``, ``removed_voxels``), ``seconds``
+    ``postprocess`` (per label name: ``label``, ``largest_only``, ``min_ml``, ``removed_voxels``),
+    ``mean_entropy`` (per label name: the mean normalised softmax entropy inside the label, see
+    :meth:`Predictor.predict`), ``seconds``
     per stage (read, preprocess, network, restore, postprocess, total) and ``peak_rss_gb`` (the process's peak
     resident memory so far, after each stage).
     """
@@ -92,6 +95,8 @@ class Prediction:
     # One-line human-readable notes about this case (e.g. no body found); batch code prints them.
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # Normalised softmax entropy on the input grid (float32, 0 = certain, 1 = uniform), when asked for.
+    uncertainty: np.ndarray | None = None
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -213,6 +218,8 @@ class Predictor:
         precision: ``"fp32"`` | ``"bf16"`` | None (see :func:`autocast_dtype`).
         postprocess: ``"auto"`` (the rules recorded in the first checkpoint, none if it has none), ``"none"``,
             or a mapping ``label (index or name) → ComponentRule or {"largest_only", "min_ml"}``.
+        uncertainty: also restore the voxel-wise normalised softmax entropy to the input grid
+            (``Prediction.uncertainty``, float32; one more float map of the scan's size).
 
     Raises:
         InputError: an unusable checkpoint, checkpoints that cannot be averaged, malformed rules.
@@ -230,6 +237,7 @@ class Predictor:
         tta: bool = False,
         precision: str | None = None,
         postprocess: str | Mapping[Any, Any] = "auto",
+        uncertainty: bool = False,
     ) -> None:
         paths = [checkpoints] if isinstance(checkpoints, str | os.PathLike) else list(checkpoints)
         if not paths:
@@ -270,6 +278,7 @@ class Predictor:
         self.transforms = infer_transforms(self.plan, load=False)
         self.autocast, self.precision = autocast_dtype(precision, self.device, self.config.train.amp)
         self.tta = bool(tta)
+        self.uncertainty = bool(uncertainty)
         self.lr_axis = sagittal_axis(self.plan["orientation"])
         self.tta_note: str | None = None
         self.swap: dict[int, int] | None = None
@@ -356,6 +365,12 @@ class Predictor:
         the result is an all-background map of the scan's shape with a line in ``warnings``, not a
         sliding window over an empty image.
 
+        Confidence: the normalised softmax entropy of the (averaged) probabilities,
+        :func:`medseg.inference.maps.entropy_map`, is averaged inside each label of the model-grid argmax
+        (before restore and postprocessing, so no input-sized float map is needed) into
+        ``info["mean_entropy"]`` — what the review page's ``low_confidence`` rule reads. With
+        ``uncertainty=True`` the map itself is restored to the input grid (``Prediction.uncertainty``).
+
         Raises:
             InputError: unusable input (one line naming the file).
         """
@@ -386,14 +401,21 @@ class Predictor:
                 reference=reference,
                 label_names=self.label_names,
                 warnings=[f"{cause}: empty mask written"],
-                info={**info, "postprocess": {}, **stages.info()},
+                info={**info, "postprocess": {}, "mean_entropy": {}, **stages.info()},
+                uncertainty=np.zeros(shape, np.float32) if self.uncertainty else None,
             )
         probs, warnings = self._average(image)
         model_affine = image.affine
         del image
         stages.done("network")
+        entropy = entropy_map(probs)
+        info["mean_entropy"] = label_means(entropy, _argmax_u8(probs), self.label_names)
         labels = restore_labels(probs, model_affine, reference.affine, shape)
         del probs
+        uncertainty = None
+        if self.uncertainty:
+            uncertainty = restore_map(entropy[None], model_affine, reference.affine, shape)[0]
+        del entropy
         stages.done("restore")
         spacing = voxel_spacing(reference.affine)
         labels, info["postprocess"] = clean_labels(labels, self.postprocess_rules, spacing, self.label_names)
@@ -404,7 +426,14 @@ class Predictor:
             label_names=self.label_names,
             warnings=warnings,
             info={**info, **stages.info()},
+            uncertainty=uncertainty,
         )
+
+
+def _argmax_u8(probs: torch.Tensor) -> np.ndarray:
+    """The model-grid label map (uint8 when K ≤ 256) for the per-label entropy means."""
+    labels = probs.argmax(0)
+    return labels.to(torch.uint8 if probs.shape[0] <= 256 else torch.int32).numpy()
 
 
 #: Volumes needing more windows than this get a progress bar over windows (when stderr is a terminal).

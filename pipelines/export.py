@@ -1,0 +1,44 @@
+"""``medseg export OUTDIR``: DICOM SEG / Slicer / per-organ files for cases ``medseg segment`` already wrote.
+
+Calls :func:`medseg.inference.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
+written), 2 nothing could start (no such folder, no segmented case, unknown output type).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def export_command(
+    outdir: Annotated[Path, typer.Argument(help="Output folder of medseg segment (masks + sidecars).")],
+    output_type: Annotated[
+        str,
+        typer.Option(
+            "--output-type",
+            help="Comma-separated: dicom-seg | dicom-seg-labelmap (DICOM cases), slicer (.seg.nrrd).",
+        ),
+    ] = "dicom-seg",
+    split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
+) -> None:
+    """Write viewer files from existing masks and sidecars, without running the network again. A DICOM SEG
+    references the case's source series (found again where the sidecar recorded it) and is read back and
+    compared with the mask voxel for voxel."""
+    from medseg.inference.reexport import export_outputs
+    from medseg.io import InputError
+
+    try:
+        report = export_outputs(outdir, output_type, split, log=typer.echo)
+    except InputError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(2) from None
+    for case, notes in report.warnings.items():
+        for note in notes:
+            typer.echo(f"warning: {case}: {' '.join(str(note).split())}", err=True)
+    for reason in report.failed.values():
+        typer.echo(f"error: {' '.join(reason.split())}", err=True)
+    typer.echo(f"{len(report.exported)} exported, {len(report.failed)} failed")
+    if report.failed:
+        raise typer.Exit(1)
