@@ -128,9 +128,12 @@ def model_from_checkpoint(
     """
     cfg = checkpoint_config(ckpt, path)
     plan = ckpt["plan"]
-    model = build_network(
-        cfg.model, plan.get("in_channels", 1), len(ckpt["labels"]), plan.get("pool_kernels")
-    )
+    try:
+        model = build_network(
+            cfg.model, plan.get("in_channels", 1), len(ckpt["labels"]), plan.get("pool_kernels")
+        )
+    except ValueError as exc:  # pool kernels that do not fit the recorded network's depth
+        raise InputError(f"{path}: {exc}") from None
     differ = state_dict_differences(ckpt["model"], model.state_dict())
     if differ:
         count = f"{len(differ)} tensor{'s differ' if len(differ) > 1 else ' differs'}"

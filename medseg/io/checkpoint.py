@@ -244,10 +244,19 @@ def _check_plan(plan: object, path: str | os.PathLike) -> None:
         "orientation": not (isinstance(plan["orientation"], str) and len(plan["orientation"]) == 3),
         "intensity": not _intensity_ok(plan["intensity"]),
         "in_channels": not (isinstance(plan.get("in_channels", 1), int) and plan.get("in_channels", 1) > 0),
+        "pool_kernels": not _kernels_ok(plan.get("pool_kernels")),
     }
     bad = [key for key, wrong in problems.items() if wrong]
     if bad:
         raise InputError(f"{path}: checkpoint plan holds an invalid {bad[0]}: {plan.get(bad[0])!r}")
+
+
+def _kernels_ok(kernels: object) -> bool:
+    """Absent (2×2×2 poolings, plans before per-axis pooling) or a list of ``[k, k, k]`` with k in {1, 2}."""
+    return kernels is None or (
+        isinstance(kernels, list)
+        and all(isinstance(k, list) and len(k) == 3 and all(v in (1, 2) for v in k) for k in kernels)
+    )
 
 
 def _intensity_ok(intensity: object) -> bool:
