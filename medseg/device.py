@@ -41,3 +41,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     return device
+
+
+def device_memory_gb(name: str, fallback_gb: float) -> tuple[float, str]:
+    """Memory of the device ``name`` resolves to, in GB (10⁹ bytes), and where the number comes from:
+    the CUDA device's total memory, or ``fallback_gb`` on the CPU (the planner's documented default)."""
+    import torch
+
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return float(fallback_gb), f"CPU default ({fallback_gb:g} GB; no CUDA device)"
+    props = torch.cuda.get_device_properties(device.index or 0)
+    return props.total_memory / 1e9, f"CUDA device {device.index or 0} ({props.name})"

@@ -10,7 +10,8 @@ import typer
 
 def check_dataset_command(
     root: Annotated[
-        Path, typer.Argument(metavar="DIR", help="Dataset folder with dataset.json (MSD layout).")
+        Path,
+        typer.Argument(metavar="DIR", help="Dataset folder with dataset.json (MSD or nnU-Net v2 layout)."),
     ],
     workers: Annotated[int, typer.Option("--workers", help="Processes reading voxel data in parallel.")] = 1,
     quick: Annotated[
@@ -19,7 +20,8 @@ def check_dataset_command(
 ) -> None:
     """Check a training dataset and list every problem, one line each (exit 0 clean, 1 problems, 2 unusable).
 
-    Headers first (dataset.json, paths inside the folder, 3D, shape, affine, spacing, duplicates), then voxels.
+    Headers first (dataset.json, paths inside the folder, 3D, shape, affine, spacing, duplicates; for an
+    nnU-Net dataset also channel files, file_ending and numTraining), then voxels.
     """
     from medseg.data.check import inspect_dataset
     from medseg.io import InputError
@@ -41,4 +43,7 @@ def check_dataset_command(
         typer.echo(f"{len(report.problems)} problem(s) in a dataset of {report.num_cases} case(s) ({part})")
         raise typer.Exit(code=1)
     cases, labels = report.num_cases, len(report.labels)
+    if report.layout == "nnunet":
+        k = len(report.channels)
+        part = f"nnU-Net v2 layout, {k} channel{'s' * (k != 1)}; {part}"
     typer.echo(f"dataset OK: {cases} case{'s' * (cases != 1)}, {labels} label{'s' * (labels != 1)} ({part})")

@@ -15,6 +15,7 @@ from pipelines.check_dataset import check_dataset_command
 from pipelines.demo import demo_command
 from pipelines.evaluate import evaluate_command
 from pipelines.export import export_command
+from pipelines.plan import plan_command
 from pipelines.review import review_command
 from pipelines.segment import segment_command
 
@@ -34,6 +35,7 @@ app.command("ablate")(ablate_command)
 app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
 app.command("export")(export_command)
+app.command("plan")(plan_command)
 
 
 def _quiet() -> None:
@@ -66,11 +68,19 @@ def phantoms(
         tuple[int, int, int], typer.Option(help="Voxel grid; spacing = field of view / shape.")
     ] = (128, 128, 48),
     seed: Annotated[int, typer.Option(help="Dataset seed (cases are deterministic per seed).")] = 0,
+    layout: Annotated[str, typer.Option(help="msd | nnunet (nnU-Net v2 raw layout).")] = "msd",
+    channels: Annotated[int, typer.Option(help="nnunet layout: 1, or 2 (+ a native phase, _0001).")] = 1,
 ) -> None:
-    """Generate synthetic abdominal CT phantoms with labels in the Medical Segmentation Decathlon layout."""
-    from medseg.data.phantoms import write_msd_dataset
+    """Generate synthetic abdominal CT phantoms with labels (Medical Segmentation Decathlon or nnU-Net v2
+    layout)."""
+    from medseg.data.phantoms import write_msd_dataset, write_nnunet_dataset
 
-    path = write_msd_dataset(out, cases, test, shape=shape, seed=seed)
+    if layout not in ("msd", "nnunet") or channels not in (1, 2) or (layout == "msd" and channels != 1):
+        _fail(f"--layout {layout} --channels {channels}: valid are msd with 1 channel, nnunet with 1 or 2")
+    if layout == "nnunet":
+        path = write_nnunet_dataset(out, cases, test, shape=shape, seed=seed, channels=channels)
+    else:
+        path = write_msd_dataset(out, cases, test, shape=shape, seed=seed)
     typer.echo(f"wrote {cases} training + {test} test phantoms: {path}")
 
 
@@ -81,6 +91,9 @@ def train(
         list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <train.output>/last.pt.")] = False,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="Use this plan (medseg plan -o plan.json, maybe edited).")
+    ] = None,
 ) -> None:
     """Train a network from a YAML config; writes checkpoints, metrics.csv and curves.png to train.output."""
     from medseg.config import ConfigError, load_config
@@ -94,7 +107,7 @@ def train(
     from medseg.io import InputError
 
     try:
-        out = run_train(cfg, resume=resume, log=typer.echo)
+        out = run_train(cfg, resume=resume, log=typer.echo, plan_path=plan)
     except DatasetError as exc:  # every problem of the header check, one line each
         for problem in exc.problems:
             typer.echo(f"error: {problem.line()}", err=True)

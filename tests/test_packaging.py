@@ -108,7 +108,11 @@ def test_wheel_ships_configs_and_only_current_modules(installed):
         f"medseg/configs/{p.relative_to(src / 'configs').as_posix()}"
         for p in (src / "configs").rglob("*.yaml")
     }
-    assert {"medseg/configs/phantoms.yaml", "medseg/configs/variants/unet.yaml"} <= recipes
+    assert {
+        "medseg/configs/phantoms.yaml",
+        "medseg/configs/variants/unet.yaml",
+        "medseg/configs/oktay2018_pancreas.yaml",
+    } <= recipes
     assert recipes <= names, f"recipes missing from the wheel: {sorted(recipes - names)}"
     modules = {
         p.relative_to(src).as_posix()

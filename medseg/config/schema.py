@@ -40,6 +40,8 @@ class ConfigError(ValueError):
     """Invalid configuration key or value; the message names the key, the value and what is allowed."""
 
 
+#: ``augment.patch_size`` / ``train.batch_size`` value that takes the planned value (medseg.data.planner).
+AUTO = "auto"
 INTENSITY_MODES = ("window", "zscore")
 OPTIMIZERS = ("adamw", "sgd")
 BLEND_MODES = ("gaussian", "constant")  # MONAI sliding_window_inference ``mode``
@@ -185,7 +187,7 @@ class PreprocessConfig(_Section):
 class AugmentConfig(_Section):
     """Patch sampling and augmentation (training only)."""
 
-    patch_size: tuple[int, int, int] = (96, 96, 64)
+    patch_size: str | tuple[int, int, int] = (96, 96, 64)  # or "auto": planned (medseg.data.planner)
     samples_per_volume: int = 2
     pos_neg: tuple[float, float] = (2.0, 1.0)  # ratio of patches centred on foreground vs background
     flip_prob: float = 0.0  # 0 by default: flips swap left/right organs (kidney_left vs kidney_right)
@@ -199,7 +201,8 @@ class AugmentConfig(_Section):
     _floats = ("flip_prob", "affine_prob", "rotate_deg", "scale", "intensity_prob")
 
     def validate(self) -> None:
-        self._set("patch_size", _numbers("augment.patch_size", self.patch_size, 3, int, positive=True))
+        if self.patch_size != AUTO:
+            self._set("patch_size", _numbers("augment.patch_size", self.patch_size, 3, int, positive=True))
         self._set("pos_neg", _numbers("augment.pos_neg", self.pos_neg, 2, float))
         if min(self.pos_neg) < 0 or max(self.pos_neg) == 0:
             raise ConfigError(f"augment.pos_neg: need two ratios >= 0, not both 0, got {list(self.pos_neg)}")
@@ -309,7 +312,7 @@ class TrainConfig(_Section):
     output: str = "runs/attention_unet"
     epochs: int = 50
     iters_per_epoch: int = 50
-    batch_size: int = 2
+    batch_size: int | str = 2  # or "auto": planned from the memory budget (medseg.data.planner)
     val_every: int = 5
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -318,12 +321,15 @@ class TrainConfig(_Section):
     progress: bool = True
 
     _name = "train"
-    _ints = ("epochs", "iters_per_epoch", "batch_size", "val_every", "seed")
+    _ints = ("epochs", "iters_per_epoch", "val_every", "seed")
 
     def validate(self) -> None:
         self._set("output", str(self.output))
+        if self.batch_size != AUTO:
+            self._set("batch_size", _number("train.batch_size", self.batch_size, int))
         for key in ("epochs", "iters_per_epoch", "batch_size", "val_every"):
-            _range(f"train.{key}", getattr(self, key), 1)
+            if getattr(self, key) != AUTO:
+                _range(f"train.{key}", getattr(self, key), 1)
         if not is_device_name(self.device):
             _choice("train.device", self.device, DEVICE_CHOICES)
         if self.max_minutes is not None:
@@ -380,14 +386,21 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
 
     def __post_init__(self) -> None:
-        check_patch_fits_network(self.augment.patch_size, self.model, "augment.patch_size")
+        if self.augment.patch_size != AUTO:  # a planned patch is checked with the plan's poolings
+            check_patch_fits_network(self.augment.patch_size, self.model, "augment.patch_size")
         if self.infer.roi_size is not None:
             check_patch_fits_network(self.infer.roi_size, self.model, "infer.roi_size")
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
-        """Sliding-window size: ``infer.roi_size`` or, when unset, the training patch."""
+        """Sliding-window size: ``infer.roi_size`` or, when unset, the training patch (``auto``: the plan's,
+        see :func:`plan_roi_size`)."""
         return self.infer.roi_size or self.augment.patch_size
+
+
+def plan_roi_size(cfg: Config, plan: dict) -> tuple[int, int, int]:
+    """The sliding window of a run: ``infer.roi_size``, else the patch the plan trained with."""
+    return tuple(int(r) for r in (cfg.infer.roi_size or plan["patch_size"]))
 
 
 def scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, ...]:
@@ -396,22 +409,34 @@ def scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, ...]:
     return tuple(max(1, math.floor(n * scale + 0.5)) for n in size)
 
 
-def check_patch_fits_network(patch: tuple[int, ...], model: ModelConfig, where: str) -> None:
+def check_patch_fits_network(
+    patch: tuple[int, ...], model: ModelConfig, where: str, pool_kernels: list | None = None
+) -> None:
     """A patch must survive the network's poolings at every input scale.
 
     Each of the ``len(filters) - 1`` 2×2×2 max-poolings floors the size, so at the smallest scale every side
     needs at least ``2**poolings`` voxels; instance and batch norm also need more than one voxel in the
-    bottleneck, so one side must reach ``2**(poolings + 1)``.
+    bottleneck, so one side must reach ``2**(poolings + 1)``. With a plan's per-axis ``pool_kernels`` the
+    product of the kernels along an axis replaces ``2**poolings`` for that axis.
     """
     need_all, need_one = 2**model.poolings, 2 ** (model.poolings + 1)
+    per_axis = [need_all] * 3
+    if pool_kernels is not None:
+        per_axis = [math.prod(int(k[axis]) for k in pool_kernels) for axis in range(3)]
     for scale in sorted(set(model.scales)):
         size = scaled_size(tuple(patch), scale)
-        bottleneck = [n // need_all for n in size]
-        if min(size) >= need_all and math.prod(bottleneck) > 1:
+        bottleneck = [n // d for n, d in zip(size, per_axis, strict=True)]
+        if all(n >= d for n, d in zip(size, per_axis, strict=True)) and math.prod(bottleneck) > 1:
             continue
         at = f" at scale {scale:g}" if scale != 1.0 else ""
         scaled = f" becomes {'×'.join(map(str, size))}{at} and" if scale != 1.0 else ""
         low = min(model.scales)
+        if pool_kernels is not None and len(set(per_axis)) > 1:
+            raise ConfigError(
+                f"{where}: the patch {'×'.join(map(str, patch))}{scaled} does not fit the plan's pool_kernels "
+                f"{[list(k) for k in pool_kernels]} (bottleneck {'×'.join(map(str, bottleneck))}): it needs sides "
+                f"≥ {'×'.join(map(str, per_axis))} voxels and more than one bottleneck voxel at scale {low:g}"
+            )
         raise ConfigError(
             f"{where}: the patch {'×'.join(map(str, patch))}{scaled} is too small for {len(model.filters)} "
             f"levels ({model.poolings} poolings, bottleneck {'×'.join(map(str, bottleneck))}): the network needs "

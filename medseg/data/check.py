@@ -23,6 +23,11 @@ Voxel part (``full=True``): every file decompresses to the end (a truncated gzip
 Click's "Aborted."), images hold no NaN/inf, label values are integers and all declared in ``labels``.
 
 Files in ``imagesTr``/``labelsTr`` that no entry lists are not problems; they are reported as warnings.
+
+An nnU-Net v2 dataset (no ``training`` list, :mod:`medseg.data.nnunet`) is checked the same way, its entries
+being the cases of ``labelsTr`` with one image file per channel: what :func:`medseg.data.nnunet.discover_cases`
+finds (missing channel files, undeclared channels, ``file_ending`` and ``numTraining`` mismatches, region
+labels) comes first, then headers, every channel against the label (shape, affine) and voxels as above.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from medseg.data.datasets import (
     read_dataset_json,
     training_entries,
 )
+from medseg.data.nnunet import detect_layout, discover_cases
 from medseg.io import InputError, case_name, is_nifti, voxel_spacing
 from medseg.io.atomic import TEMP_PREFIX
 from medseg.io.nifti import check_header, read_header
@@ -79,6 +85,13 @@ class DatasetReport:
     warnings: list[str] = field(default_factory=list)
     num_cases: int = 0
     labels: dict[str, int] = field(default_factory=dict)
+    layout: str = "msd"  # or "nnunet"
+    channels: list[str] = field(default_factory=list)  # nnU-Net channel_names, in order
+    case_names: dict[int, str] = field(default_factory=dict)  # nnU-Net: entry index → "case 'x'"
+
+    def entry(self, index: int, role: str) -> str:
+        """How an entry's file is named in messages: ``training[3] label`` or ``case 'x' channel 0001``."""
+        return f"{self.case_names.get(index, f'training[{index}]')} {role}"
 
     def add(self, files: str | os.PathLike | tuple, cause: str) -> None:
         names = tuple(map(str, files)) if isinstance(files, tuple) else (str(files),)
@@ -136,14 +149,34 @@ def inspect_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True
         report.add(source, str(exc).removeprefix(f"{source}: "))
         return report
     declared = _check_labels(meta, report)
+    if detect_layout(meta) == "nnunet":
+        paths = _nnunet_paths(meta, report)
+        if paths is None:
+            return report
+    else:
+        paths = _msd_paths(meta, report)
+        if paths is None:
+            return report
+        _warn_unlisted(root, paths, report)
+
+    headers = _check_files(paths, report)
+    _check_pairs(paths, headers, report)
+    _check_duplicates(paths, report)
+    if full:
+        _check_voxels(paths, headers, declared, workers, report)
+    return report
+
+
+def _msd_paths(meta: dict, report: DatasetReport) -> dict[int, dict[str, Path]] | None:
+    """Entry index → key (``image``, ``label``) → path of an MSD ``training`` list; None: no list to check."""
+    root, source = report.root, report.root / "dataset.json"
     try:
         entries = training_entries(meta, root)
     except InputError as exc:
         report.add(source, str(exc).removeprefix(f"{source}: "))
-        return report
+        return None
     report.num_cases = len(entries)
-
-    paths: dict[int, dict[str, Path]] = {}  # entry index → key → path
+    paths: dict[int, dict[str, Path]] = {}
     for index, entry in enumerate(entries):
         errors: dict[str, EntryError] = {}
         for key in ENTRY_KEYS:
@@ -153,14 +186,33 @@ def inspect_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True
                 errors.setdefault(str(exc), exc)  # a non-object entry fails alike for both keys: once
         for exc in errors.values():
             report.add(exc.file, f"{exc.entry}: {exc.cause}")
+    return paths
 
-    headers = _check_files(paths, report)
-    _check_pairs(paths, headers, report)
-    _check_duplicates(paths, report)
-    _warn_unlisted(root, paths, report)
-    if full:
-        _check_voxels(paths, headers, declared, workers, report)
-    return report
+
+def _nnunet_paths(meta: dict, report: DatasetReport) -> dict[int, dict[str, Path]] | None:
+    """Case index → ``channel 0000``… / ``label`` → path of an nnU-Net dataset (its layout problems added to
+    the report); None when no case could be looked for."""
+    report.layout = "nnunet"
+    found = discover_cases(report.root, meta)
+    for files, cause in found.problems:
+        report.add(tuple(files), cause)
+    report.warnings += found.warnings
+    report.channels = found.channels
+    non_ct = sorted({name for name in found.channels if name.casefold() != "ct"})
+    if non_ct:
+        report.warnings.append(
+            f"{report.root / 'dataset.json'}: channel_names {', '.join(non_ct)}: medseg normalises every "
+            "channel as CT (nnU-Net would z-score a non-CT channel per image)"
+        )
+    if not found.usable:
+        return None
+    report.num_cases = found.num_labels
+    paths: dict[int, dict[str, Path]] = {}
+    for index, (name, case) in enumerate(found.cases.items()):
+        report.case_names[index] = f"case {name!r}"
+        paths[index] = {f"channel {c:04d}": p for c, p in enumerate(case["images"])}
+        paths[index]["label"] = case["label"]
+    return paths
 
 
 def _check_labels(meta: dict, report: DatasetReport) -> set[int] | None:
@@ -181,12 +233,12 @@ def _check_labels(meta: dict, report: DatasetReport) -> set[int] | None:
     return set(indices)
 
 
-def _where(paths: dict[int, dict[str, Path]]) -> dict[Path, list[str]]:
+def _where(paths: dict[int, dict[str, Path]], report: DatasetReport) -> dict[Path, list[str]]:
     """Each listed file (by its real location) → the entries naming it (``training[3] label``)."""
     found: dict[Path, list[str]] = {}
     for index, keys in paths.items():
         for key, path in keys.items():
-            found.setdefault(path.resolve(), []).append(f"training[{index}] {key}")
+            found.setdefault(path.resolve(), []).append(report.entry(index, key))
     return found
 
 
@@ -199,7 +251,10 @@ def _check_files(paths: dict[int, dict[str, Path]], report: DatasetReport) -> di
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
-            header = _read_header(path, f"training[{index}] {key}")
+            where = report.entry(index, key)
+            header = _read_header(
+                path, f"listed in dataset.json as {where}" if report.layout == "msd" else where
+            )
             if isinstance(header, str):
                 report.add(path, header)
             else:
@@ -208,13 +263,13 @@ def _check_files(paths: dict[int, dict[str, Path]], report: DatasetReport) -> di
 
 
 def _read_header(path: Path, where: str) -> _Header | str:
-    """The header of one NIfTI file, or the cause that makes it unusable."""
+    """The header of one NIfTI file, or the cause that makes it unusable (``where``: why it is read)."""
     if not path.exists():
         if path.is_symlink():
-            return f"dangling symlink to {os.readlink(path)} (listed in dataset.json as {where})"
-        return f"file not found (listed in dataset.json as {where})"
+            return f"dangling symlink to {os.readlink(path)} ({where})"
+        return f"file not found ({where})"
     if not path.is_file():
-        return f"is not a file (listed in dataset.json as {where})"
+        return f"is not a file ({where})"
     if path.stat().st_size == 0:
         return "file is empty (0 bytes)"
     try:  # the one header reader of medseg: voxel type, 3D, declared size against the file, spacing
@@ -241,33 +296,36 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 def _check_pairs(
     paths: dict[int, dict[str, Path]], headers: dict[Path, _Header], report: DatasetReport
 ) -> None:
-    """Image and label of each entry share the voxel grid: same shape, same affine within tolerance."""
+    """Each image (each channel) and the label of an entry share the voxel grid: same shape, same affine
+    within tolerance."""
     for keys in paths.values():
-        image, label = keys.get("image"), keys.get("label")
-        if image not in headers or label not in headers:
-            continue
-        a, b = headers[image], headers[label]
-        if a.shape != b.shape:
-            report.add(
-                (image, label),
-                f"image and label differ in shape: {_fmt_shape(a.shape)} vs {_fmt_shape(b.shape)}",
-            )
-            continue
-        diff = float(np.abs(a.affine - b.affine).max())
-        if diff > AFFINE_TOLERANCE_MM:
-            report.add(
-                (image, label),
-                f"image and label differ in affine: largest entry difference {diff:.3g} "
-                f"(tolerance {AFFINE_TOLERANCE_MM:g} mm)",
-            )
+        label = keys.get("label")
+        for role, image in keys.items():
+            if role == "label" or image not in headers or label not in headers:
+                continue
+            a, b = headers[image], headers[label]
+            if a.shape != b.shape:
+                report.add(
+                    (image, label),
+                    f"{role} and label differ in shape: {_fmt_shape(a.shape)} vs {_fmt_shape(b.shape)}",
+                )
+                continue
+            diff = float(np.abs(a.affine - b.affine).max())
+            if diff > AFFINE_TOLERANCE_MM:
+                report.add(
+                    (image, label),
+                    f"{role} and label differ in affine: largest entry difference {diff:.3g} "
+                    f"(tolerance {AFFINE_TOLERANCE_MM:g} mm)",
+                )
 
 
 def _check_duplicates(paths: dict[int, dict[str, Path]], report: DatasetReport) -> None:
     """No file listed twice; no two image files giving the same case name (names key splits and outputs)."""
-    for real, where in _where(paths).items():
+    for real, where in _where(paths, report).items():
         if len(where) > 1:
             shown = next(p for keys in paths.values() for p in keys.values() if p.resolve() == real)
-            report.add(shown, f"listed {len(where)} times in dataset.json ({', '.join(where)})")
+            what = "listed {} times in dataset.json" if report.layout == "msd" else "used {} times"
+            report.add(shown, f"{what.format(len(where))} ({', '.join(where)})")
     by_name: dict[str, dict[Path, Path]] = {}
     for keys in paths.values():
         if "image" in keys:
@@ -283,7 +341,7 @@ def _check_duplicates(paths: dict[int, dict[str, Path]], report: DatasetReport) 
 
 
 def _warn_unlisted(root: Path, paths: dict[int, dict[str, Path]], report: DatasetReport) -> None:
-    listed = set(_where(paths))
+    listed = set(_where(paths, report))
     for folder in (root / "imagesTr", root / "labelsTr"):
         if not folder.is_dir():
             continue
@@ -311,7 +369,7 @@ def _check_voxels(
     for keys in paths.values():
         for key, path in keys.items():
             if path in headers:
-                tasks.setdefault((str(path.resolve()), key), path)
+                tasks.setdefault((str(path.resolve()), "label" if key == "label" else "image"), path)
     if workers > 1 and len(tasks) > 1:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:

@@ -1,4 +1,7 @@
-"""Case lists from a Medical Segmentation Decathlon (MSD) dataset folder, and deterministic splits.
+"""Case lists from a dataset folder — MSD or nnU-Net v2 layout, told apart by ``dataset.json`` — and splits.
+
+The nnU-Net v2 layout (no ``training`` list; cases found in ``labelsTr``, channels ``_0000``, ``_0001``, …)
+is :mod:`medseg.data.nnunet`; :func:`training_cases` and :func:`input_channels` serve both.
 
 MSD layout: ``dataset.json`` with ``"labels": {"0": "background", "1": "liver", ...}`` and ``"training":
 [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]``. A ``dataset.json`` is untrusted
@@ -14,6 +17,7 @@ import os
 import random
 from pathlib import Path
 
+from medseg.data.nnunet import channel_names, detect_layout, nnunet_training_cases
 from medseg.io import InputError, UnsafePathError, case_name, resolve_inside
 from medseg.io.labels import parse_label_names
 
@@ -33,7 +37,8 @@ class EntryError(InputError):
 
 
 def read_dataset_json(root: str | os.PathLike) -> dict:
-    """Read ``<root>/dataset.json``: an existing, valid JSON object with ``labels`` and ``training``.
+    """Read ``<root>/dataset.json``: an existing, valid JSON object with ``labels`` and either ``training``
+    (MSD) or ``channel_names`` / ``file_ending`` (nnU-Net v2, :func:`medseg.data.nnunet.detect_layout`).
 
     Raises:
         InputError: naming dataset.json and the cause (for invalid JSON, with line and column).
@@ -52,10 +57,24 @@ def read_dataset_json(root: str | os.PathLike) -> dict:
         raise InputError(f"{path}: cannot read ({exc})") from None
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object at the top level, found {type(meta).__name__}")
-    missing = [key for key in ("labels", "training") if key not in meta]
+    missing = [key for key in ("labels",) if key not in meta]
+    if detect_layout(meta) is None:
+        missing.append("training")
     if missing:
-        raise InputError(f"{path}: needs 'labels' and 'training' entries (missing {', '.join(missing)})")
+        raise InputError(
+            f"{path}: needs 'labels' and 'training' entries (missing {', '.join(missing)}); an nnU-Net v2 "
+            "dataset.json has 'channel_names' and 'file_ending' instead of 'training'"
+        )
     return meta
+
+
+def input_channels(meta: dict, root: str | os.PathLike) -> list[str]:
+    """Names of the network's input channels: nnU-Net ``channel_names`` (one file per channel); an MSD
+    dataset's images are single 3D volumes, so one channel (named from ``modality`` when it has one)."""
+    if detect_layout(meta) == "nnunet":
+        return channel_names(meta, Path(root) / "dataset.json")
+    modality = meta.get("modality")
+    return [str(modality.get("0", "CT"))] if isinstance(modality, dict) else ["CT"]
 
 
 def label_names(meta: dict, source: str = "dataset.json") -> dict[str, int]:
@@ -95,9 +114,15 @@ def entry_path(root: str | os.PathLike, index: int, entry: object, key: str) -> 
 
 
 def training_cases(root: str | os.PathLike) -> list[dict]:
-    """``[{"image": path, "label": path, "case": name}, ...]``, paths safely inside ``root``, checked to exist."""
+    """``[{"image": path, "label": path, "case": name}, ...]``, paths safely inside ``root``, checked to exist.
+
+    For an nnU-Net dataset with several channels ``"image"`` is the list of channel files
+    (:func:`medseg.data.nnunet.nnunet_training_cases`).
+    """
     root = Path(root)
     meta = read_dataset_json(root)
+    if detect_layout(meta) == "nnunet":
+        return nnunet_training_cases(root, meta)
     cases = []
     for index, entry in enumerate(training_entries(meta, root)):
         image, label = (entry_path(root, index, entry, key) for key in ENTRY_KEYS)

@@ -56,3 +56,36 @@ def measure_cost(
     ]
     out = subprocess.run(args, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def training_activation_bytes(
+    model: ModelConfig,
+    patch: tuple[int, int, int],
+    num_classes: int,
+    in_channels: int = 1,
+    pool_kernels: list | None = None,
+    batch: int = 1,
+) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training step (forward + Dice+CE
+    loss), counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once; the weights
+    the convolutions save are included). What :mod:`medseg.data.planner`'s memory estimate was fitted to."""
+    import torch
+
+    from medseg.config import load_config
+    from medseg.losses import build_loss
+    from medseg.nets.registry import build_network
+
+    net = build_network(model, in_channels, num_classes, pool_kernels).train()
+    loss_fn = build_loss(load_config(None, []), num_classes)
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    image = torch.randn(batch, in_channels, *patch)
+    target = torch.randint(0, num_classes, (batch, 1, *patch))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn(net(image), target)
+    return sum(storages.values())

@@ -15,7 +15,6 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -26,10 +25,18 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 
 from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
+from medseg.config.schema import plan_roi_size
 from medseg.data.check import require_valid_dataset
-from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
-from medseg.data.plan import make_plan
+from medseg.data.datasets import (
+    input_channels,
+    label_names,
+    read_dataset_json,
+    split_cases,
+    training_cases,
+)
+from medseg.data.plan_file import dump_plan
 from medseg.device import resolve_device
+from medseg.engine.planning import resolve_plan
 from medseg.engine.validation import decide_postprocessing, validate, validation_predictions
 from medseg.export import append_history, training_curves
 from medseg.io import InputError, atomic_write_text
@@ -94,16 +101,18 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> Path:
-    """Train the configured network; return the run folder. See the module docstring for outputs."""
+def train(cfg: Config, resume: bool = False, log=print, plan_path: str | Path | None = None) -> Path:
+    """Train the configured network; return the run folder. See the module docstring for outputs.
+
+    ``plan_path``: a plan file (``medseg plan -o plan.json``, maybe edited) to use instead of planning from
+    the fingerprint (:func:`medseg.engine.planning.resolve_plan`); a resumed run keeps its own plan.
+    """
     tcfg = cfg.train
     root = cfg.data.root
     if root is None:
         raise ConfigError("data.root is not set (path to a dataset folder with dataset.json)")
     require_valid_dataset(root)  # headers only, every problem at once (DatasetError); before any write
     out = Path(tcfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)  # temporary files of a killed earlier run (never a live writer's)
     device = resolve_device(tcfg.device)
     seed_everything(tcfg.seed)
 
@@ -117,14 +126,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
     ckpt = load_checkpoint(out / "last.pt") if resume else None
     if ckpt is not None:
         checkpoint_config(ckpt, out / "last.pt")  # a recorded config that no longer loads is named here
+    channels = input_channels(meta, root)  # a plan file is checked here, before anything is written
+    plan = ckpt["plan"] if ckpt else resolve_plan(cfg, train_cases, names, channels, plan_path, log)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # temporary files of a killed earlier run (never a live writer's)
     if not resume:  # a new run in an old folder starts a new history
         (out / "metrics.csv").unlink(missing_ok=True)
-    plan = ckpt["plan"] if ckpt else make_plan(cfg, train_cases, names)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    atomic_write_text(out / "plan.json", json.dumps(plan, indent=2))
+    atomic_write_text(out / "plan.json", dump_plan(plan))
 
     num_classes = len(names)
-    model = build_network(cfg.model, plan["in_channels"], num_classes)
+    model = build_network(cfg.model, plan["in_channels"], num_classes, plan.get("pool_kernels"))
     init_class_prior(model, plan.get("fingerprint", {}).get("class_fractions", []), num_classes)
     model = model.to(device)
     loss_fn = build_loss(cfg, num_classes).to(device)
@@ -182,7 +194,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
         generator = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
             train_ds,
-            batch_size=tcfg.batch_size,
+            batch_size=plan.get("batch_size", tcfg.batch_size),
             shuffle=True,
             generator=generator,
             num_workers=dcfg.num_workers,
@@ -247,7 +259,7 @@ def _record_postprocessing(model, val_ds, cfg: Config, plan: dict, device, best:
     ``best.pt`` (see :mod:`medseg.engine.validation`)."""
     ckpt = load_checkpoint(best)
     model.load_state_dict(ckpt["model"])
-    pairs = list(validation_predictions(model, val_ds, cfg, device))
+    pairs = list(validation_predictions(model, val_ds, cfg, device, plan_roi_size(cfg, plan)))
     rules, report = decide_postprocessing(pairs, plan["labels"], plan["spacing"])
     ckpt["postprocess"] = rules
     ckpt["postprocess_report"] = report

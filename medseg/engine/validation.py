@@ -18,12 +18,13 @@ default (``--postprocess auto``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from medseg.config.schema import plan_roi_size
 from medseg.inference.postprocess import ComponentRule, apply_component_rules
 from medseg.inference.sliding import sliding_window_logits
 from medseg.metrics import dice_per_label
@@ -34,14 +35,16 @@ SMALL_BLOB_FRACTION = 0.05
 
 @torch.no_grad()
 def validation_predictions(
-    model, val_ds, cfg, device: torch.device
+    model, val_ds, cfg, device: torch.device, roi_size: Sequence[int] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(prediction, reference)`` label maps in model space, one pair per validation volume."""
+    """``(prediction, reference)`` label maps in model space, one pair per validation volume; the window is
+    ``roi_size`` (the plan's, :func:`medseg.config.schema.plan_roi_size`) or the config's."""
     infer = cfg.infer
+    roi = roi_size or cfg.roi_size
     for item in val_ds:
         image = torch.as_tensor(item["image"])[None].to(device)
         logits = sliding_window_logits(
-            model, image, cfg.roi_size, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
+            model, image, roi, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
         )
         pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)
@@ -52,7 +55,7 @@ def validate(model, val_ds, cfg, plan: dict, device: torch.device) -> dict[str, 
     """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`."""
     labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
     per_label: dict[str, list[float]] = {name: [] for name in labels}
-    for pred, ref in validation_predictions(model, val_ds, cfg, device):
+    for pred, ref in validation_predictions(model, val_ds, cfg, device, plan_roi_size(cfg, plan)):
         scores = dice_per_label(pred, ref, list(labels.values()))
         for name, idx in labels.items():
             per_label[name].append(float(scores[idx]))

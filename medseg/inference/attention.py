@@ -58,15 +58,18 @@ def gated_levels(model: nn.Module) -> list[int]:
     return sorted(int(k) + 1 for k in model.gates)
 
 
-def upsample_alpha(alpha: torch.Tensor, level: int, size: Sequence[int]) -> torch.Tensor:
+def upsample_alpha(
+    alpha: torch.Tensor, level: int, size: Sequence[int], factor: Sequence[int] | None = None
+) -> torch.Tensor:
     """``(B, 1, *coarse)`` α of 1-based ``level`` → ``(B, 1, *size)`` on the full-resolution voxels it gates.
 
-    Trilinear with the exact factor ``f = 2^(level-1)`` (fine voxel ``j`` reads coarse coordinate
-    ``(j + 0.5) / f - 0.5``); a size that is not a multiple of ``f`` (max pooling floors) is completed by
-    repeating the last plane.
+    Trilinear with the exact factor per axis ``f`` — ``2^(level-1)`` for 2×2×2 poolings, else ``factor``
+    (the network's :meth:`~medseg.nets.unet.UNet3D.level_factors`) — (fine voxel ``j`` reads coarse
+    coordinate ``(j + 0.5) / f - 0.5``); a size that is not a multiple of ``f`` (max pooling floors) is
+    completed by repeating the last plane.
     """
-    factor = 2 ** (level - 1)
-    up = F.interpolate(alpha.float(), scale_factor=float(factor), mode="trilinear", align_corners=False)
+    factors = tuple(float(f) for f in factor) if factor is not None else (float(2 ** (level - 1)),) * 3
+    up = F.interpolate(alpha.float(), scale_factor=factors, mode="trilinear", align_corners=False)
     pad = []
     for have, want in zip(reversed(up.shape[2:]), reversed(tuple(size)), strict=True):
         pad += [0, max(0, int(want) - int(have))]
@@ -104,10 +107,16 @@ def attention_on_grid(
         device = next(model.parameters()).device
     device = torch.device(device)
 
+    factors = model.level_factors() if hasattr(model, "level_factors") else None
+
     def window(x: torch.Tensor) -> torch.Tensor:
         _, alphas = model(x, return_attention=True)
         return torch.cat(
-            [upsample_alpha(a, lvl, x.shape[2:]) for a, lvl in zip(alphas, levels, strict=True)], dim=1
+            [
+                upsample_alpha(a, lvl, x.shape[2:], factors[lvl - 1] if factors else None)
+                for a, lvl in zip(alphas, levels, strict=True)
+            ],
+            dim=1,
         )
 
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)

@@ -90,7 +90,13 @@ from medseg.inference.outputs import (
     statistics_path,
     write_statistics_table,
 )
-from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Prediction, Predictor
+from medseg.inference.predictor import (
+    POSTPROCESS_MODES,
+    PRECISIONS,
+    Prediction,
+    Predictor,
+    check_single_channel,
+)
 from medseg.inference.sharding import Part
 from medseg.io import InputError, atomic_write_text, is_nifti, load_volume, save_like
 from medseg.io.atomic import remove_stale_temps
@@ -438,6 +444,7 @@ def segment_inputs(
         postprocess=postprocess,
         uncertainty=uncertainty,
     )
+    check_single_channel(predictor.plan, checkpoints[0])  # k-channel models: one line, before any case
     identity = {
         "checkpoint_sha256": list(predictor.checkpoint_sha256),
         "overlap": predictor.overlap,

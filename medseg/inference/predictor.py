@@ -132,7 +132,13 @@ def model_from_checkpoint(
             (shape in the file vs shape in the network).
     """
     cfg = checkpoint_config(ckpt, path)
-    model = build_network(cfg.model, ckpt["plan"].get("in_channels", 1), len(ckpt["labels"]))
+    plan = ckpt["plan"]
+    try:
+        model = build_network(
+            cfg.model, plan.get("in_channels", 1), len(ckpt["labels"]), plan.get("pool_kernels")
+        )
+    except ValueError as exc:  # pool kernels that do not fit the recorded network's depth
+        raise InputError(f"{path}: {exc}") from None
     differ = state_dict_differences(ckpt["model"], model.state_dict())
     if differ:
         count = f"{len(differ)} tensor{'s differ' if len(differ) > 1 else ' differs'}"
@@ -375,6 +381,7 @@ class Predictor:
             InputError: unusable input (one line naming the file).
         """
         stages = _Stages()
+        check_single_channel(self.plan, self.checkpoint, source)
         reference = self._read(source)
         stages.done("read")
         image = self.preprocess(reference)
@@ -434,6 +441,34 @@ def _argmax_u8(probs: torch.Tensor) -> np.ndarray:
     """The model-grid label map (uint8 when K ≤ 256) for the per-label entropy means."""
     labels = probs.argmax(0)
     return labels.to(torch.uint8 if probs.shape[0] <= 256 else torch.int32).numpy()
+
+
+def check_single_channel(
+    plan: Mapping[str, Any], checkpoint: str | os.PathLike, source: object = None
+) -> None:
+    """Refuse, in one line, to segment one scan with a model trained on several input channels.
+
+    A model trained on an nnU-Net dataset with ``k`` channels (``_0000`` … files per case) needs ``k``
+    co-registered images per case; ``medseg segment`` reads one image per case, so it segments single-channel
+    models only.
+
+    Raises:
+        InputError: naming the input (when given), the checkpoint and its channels.
+    """
+    k = int(plan.get("in_channels", 1))
+    if k == 1:
+        return
+    names = ", ".join(plan.get("channel_names") or [str(c) for c in range(k)])
+    if isinstance(source, str | os.PathLike):
+        where = f"{source}: "
+    elif source is not None:
+        where = f"{source.get_filename() or 'image'}: " if hasattr(source, "get_filename") else "image: "
+    else:
+        where = ""
+    raise InputError(
+        f"{where}{checkpoint} was trained on {k} input channels ({names}), one image file per channel; "
+        "medseg segment reads one image per case and segments single-channel models only"
+    )
 
 
 #: Volumes needing more windows than this get a progress bar over windows (when stderr is a terminal).

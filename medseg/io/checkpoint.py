@@ -242,14 +242,32 @@ def _check_plan(plan: object, path: str | os.PathLike) -> None:
         "patch_size": not _numbers(plan["patch_size"], 3)
         or not all(isinstance(v, int) for v in plan["patch_size"]),
         "orientation": not (isinstance(plan["orientation"], str) and len(plan["orientation"]) == 3),
-        "intensity": not isinstance(plan["intensity"], Mapping)
-        or plan["intensity"].get("mode") not in ("window", "zscore")
-        or not all(_is_number(plan["intensity"].get(k)) for k in _intensity_keys(plan["intensity"])),
+        "intensity": not _intensity_ok(plan["intensity"]),
         "in_channels": not (isinstance(plan.get("in_channels", 1), int) and plan.get("in_channels", 1) > 0),
+        "pool_kernels": not _kernels_ok(plan.get("pool_kernels")),
     }
     bad = [key for key, wrong in problems.items() if wrong]
     if bad:
         raise InputError(f"{path}: checkpoint plan holds an invalid {bad[0]}: {plan.get(bad[0])!r}")
+
+
+def _kernels_ok(kernels: object) -> bool:
+    """Absent (2×2×2 poolings, plans before per-axis pooling) or a list of ``[k, k, k]`` with k in {1, 2}."""
+    return kernels is None or (
+        isinstance(kernels, list)
+        and all(isinstance(k, list) and len(k) == 3 and all(v in (1, 2) for v in k) for k in kernels)
+    )
+
+
+def _intensity_ok(intensity: object) -> bool:
+    """One intensity mapping, or a non-empty list of one per input channel (multi-channel plans)."""
+    items = intensity if isinstance(intensity, list) and intensity else [intensity]
+    return all(
+        isinstance(it, Mapping)
+        and it.get("mode") in ("window", "zscore")
+        and all(_is_number(it.get(k)) for k in _intensity_keys(it))
+        for it in items
+    )
 
 
 def _intensity_keys(intensity: Mapping) -> Iterable[str]:

@@ -32,6 +32,11 @@ def parse_label_names(labels: Mapping, source: str = "labels") -> dict[str, int]
         raise InputError(f"{source}: expected a 'labels' mapping, got {type(labels).__name__}")
     names: dict[str, int] = {}
     for key, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise InputError(
+                f"{source}: label {key!r} is a region ({value!r}: nnU-Net's region-based training), which "
+                "medseg does not support; give every label one integer"
+            )
         if _is_index(key) and not _is_index(value):  # MSD: "index": "name"
             name, index = str(value), int(str(key).strip())
         elif _is_index(value):  # nnU-Net v2 / sidecar: "name": index

@@ -166,8 +166,13 @@ def _options(model_cfg: Any, name: str) -> dict:
     return dict((model_cfg.options or {}).get(name) or {})
 
 
-def build_network(model_cfg: Any, in_channels: int, num_classes: int) -> nn.Module:
+def build_network(
+    model_cfg: Any, in_channels: int, num_classes: int, pool_kernels: list | None = None
+) -> nn.Module:
     """Build any registered network variant from a :class:`medseg.config.ModelConfig`.
+
+    ``pool_kernels`` (from the plan, see :mod:`medseg.data.planner`): per pooling step the kernel per axis;
+    ``None`` gives the 2×2×2 poolings every network had before plans chose them.
 
     Example:
         >>> from medseg.config import ModelConfig
@@ -190,6 +195,7 @@ def build_network(model_cfg: Any, in_channels: int, num_classes: int) -> nn.Modu
         bottleneck=partial(bottleneck, **_options(model_cfg, model_cfg.bottleneck)) if bottleneck else None,
         fusion=partial(fusion, **_options(model_cfg, model_cfg.decoder_fusion)),
         head=partial(head, **_options(model_cfg, model_cfg.head)) if head else None,
+        pool_kernels=pool_kernels,
     )
     if len(scales) > 1 or scales[0] != 1.0:
         return MultiScaleNet(net, scales, model_cfg.scale_fusion)

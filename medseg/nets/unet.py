@@ -4,7 +4,10 @@ Oktay O., Schlemper J., Le Folgoc L. et al., "Attention U-Net: Learning Where to
 MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' code
 (``unet_CT_single_att_dsv_3D``):
 
-* 5 levels, filters 16/32/64/128/256, two 3×3×3 conv–norm–ReLU per level, 2×2×2 max-pool down.
+* 5 levels, filters 16/32/64/128/256, two 3×3×3 conv–norm–ReLU per level, 2×2×2 max-pool down. The
+  pooling between levels may be chosen per level and per axis (``pool_kernels``, e.g. ``[[2, 2, 1], [2, 2,
+  2], …]`` for thick slices): nnU-Net's anisotropic pooling (Isensee et al., Nat. Methods 2021; planned by
+  :mod:`medseg.data.planner`); the default, all ``2``, is the paper's network.
 * Gating signal ``g`` from the bottleneck through a 1×1×1 conv–norm–ReLU (Fig. 1 of the paper).
 * Grid attention gates (:class:`~medseg.nets.blocks.grid_attention.GridAttentionGate3D`, Eq. 1–2) on skip
   levels 2–4; the full-resolution skip is not gated. The deepest gate is driven by ``g``, each shallower gate
@@ -57,6 +60,9 @@ class UNet3D(nn.Module):
         fusion: factory ``(high_channels, low_channels, out_channels, norm) -> nn.Module``; default concat.
         head: factory ``(in_channels, num_classes, norm) -> nn.Module``; returns logits or ``(logits, aux)``;
             default a 1×1×1 convolution.
+        pool_kernels: per pooling step (``len(filters) - 1`` of them) the max-pool kernel (= stride) per
+            axis, each 1 or 2; default all ``(2, 2, 2)``. The grid attention gate of a level uses the same
+            factors for θ, so its coefficients lie on the gating signal's grid.
 
     Attention gates: none here; :class:`AttentionUNet3D` (``grid_gates = True``) adds them.
 
@@ -78,11 +84,13 @@ class UNet3D(nn.Module):
         bottleneck: Callable[..., nn.Module] | None = None,
         fusion: Callable[..., nn.Module] | None = None,
         head: Callable[..., nn.Module] | None = None,
+        pool_kernels: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
         if len(filters) < 2:
             raise ValueError(f"filters needs at least 2 levels, got {filters}")
+        self.pool_kernels = check_pool_kernels(pool_kernels, len(filters) - 1)
         self.num_classes = num_classes
         self.filters = filters
         self.deep_supervision = deep_supervision
@@ -91,7 +99,7 @@ class UNet3D(nn.Module):
         self.encoder = nn.ModuleList(
             [DoubleConv(in_channels if i == 0 else filters[i - 1], f, norm) for i, f in enumerate(filters)]
         )
-        self.pool = nn.MaxPool3d(2)
+        self.pools = nn.ModuleList([nn.MaxPool3d(k) for k in self.pool_kernels])  # no weights
         self.bottleneck = bottleneck(filters[-1], num_classes, norm) if bottleneck else None
 
         # Gates on skip levels 1..depth-2 (0-based); level 0 (full resolution) is not gated.
@@ -100,7 +108,11 @@ class UNet3D(nn.Module):
             self.gating = ConvNormAct(filters[-1], filters[-1], kernel_size=1, norm=norm)
             for lvl in range(1, depth - 1):
                 self.gates[str(lvl)] = GridAttentionGate3D(
-                    filters[lvl], filters[lvl + 1], inter_channels=filters[lvl], norm=norm
+                    filters[lvl],
+                    filters[lvl + 1],
+                    inter_channels=filters[lvl],
+                    sub_sample=self.pool_kernels[lvl],
+                    norm=norm,
                 )
         make_fusion = fusion or ConcatFusion
         self.decoder = nn.ModuleList(
@@ -113,11 +125,18 @@ class UNet3D(nn.Module):
             else []
         )
 
+    def level_factors(self) -> list[tuple[int, int, int]]:
+        """Per level (0 = full resolution) how many input voxels one feature voxel spans, per axis."""
+        factors = [(1, 1, 1)]
+        for kernel in self.pool_kernels:
+            factors.append(tuple(f * k for f, k in zip(factors[-1], kernel, strict=True)))
+        return factors
+
     def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list, dict]:
         """Run encoder + decoder; return (full-res feature, decoder features by level, alphas, aux)."""
         skips = []
         for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else self.pool(x))
+            x = block(x if i == 0 else self.pools[i - 1](x))
             skips.append(x)
         aux: dict[str, torch.Tensor] = {}
         below = skips[-1]
@@ -183,6 +202,22 @@ class AttentionUNet3D(UNet3D):
     2..L-1 (Eq. 1-2 of the paper, :class:`~medseg.nets.blocks.grid_attention.GridAttentionGate3D`)."""
 
     grid_gates = True
+
+
+def check_pool_kernels(kernels: Sequence[Sequence[int]] | None, steps: int) -> list[tuple[int, int, int]]:
+    """``steps`` pooling kernels ``(kx, ky, kz)`` with entries 1 or 2; ``None`` → all ``(2, 2, 2)``.
+
+    Raises:
+        ValueError: a wrong number of steps, or a kernel that is not three values of 1 or 2.
+    """
+    if kernels is None:
+        return [(2, 2, 2)] * steps
+    out = [tuple(int(k) for k in kernel) for kernel in kernels]
+    if len(out) != steps or any(len(k) != 3 or not set(k) <= {1, 2} for k in out):
+        raise ValueError(
+            f"pool_kernels: expected {steps} kernels of three values 1 or 2 (one per pooling), got {kernels}"
+        )
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

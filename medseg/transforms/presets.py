@@ -3,6 +3,8 @@
 Deterministic part (shared by all three, cached by ``CacheDataset``)::
 
     LoadVolumed (medseg.io.load_volume + MONAI NibabelReader, RAS affine) → EnsureChannelFirstd → Orientationd(plan orientation)
+    (a case's ``image`` may be a list of channel files: MONAI stacks them as channels, refusing differing
+    affines or shapes)
     → Spacingd(plan spacing; bilinear image / nearest label) → CropForegroundd(body: HU > -500)
     → CT intensity normalisation
 
@@ -22,9 +24,8 @@ import math
 import numpy as np
 from monai import transforms as mt
 
+from medseg.data.plan import BODY_HU_THRESHOLD
 from medseg.transforms.reader import LoadVolumed
-
-BODY_HU_THRESHOLD = -500.0
 
 
 def body_mask(x) -> np.ndarray:
@@ -33,8 +34,24 @@ def body_mask(x) -> np.ndarray:
 
 
 def intensity_transforms(plan: dict, key: str = "image") -> list:
-    """CT intensity normalisation from the plan (see module docstring)."""
+    """CT intensity normalisation from the plan (see module docstring).
+
+    ``plan["intensity"]`` is one mapping (every channel alike: all single-channel plans) or a list of one
+    mapping per channel (a multi-channel nnU-Net dataset, each channel with its own foreground statistics,
+    as nnU-Net's per-channel ``CTNormalization``): the channels are split (``SplitDimd``), normalised each
+    with its own parameters and concatenated again (``ConcatItemsd``).
+    """
     it = plan["intensity"]
+    if isinstance(it, dict):
+        return _intensity_steps(it, key)
+    names = [f"{key}_channel{c}" for c in range(len(it))]
+    steps: list = [mt.SplitDimd(key, output_postfixes=[n.removeprefix(f"{key}_") for n in names], dim=0)]
+    for name, channel in zip(names, it, strict=True):
+        steps += _intensity_steps(channel, name)
+    return [*steps, mt.ConcatItemsd(names, key, dim=0), mt.DeleteItemsd(names)]
+
+
+def _intensity_steps(it: dict, key: str) -> list:
     if it["mode"] == "window":
         return [
             mt.ScaleIntensityRanged(

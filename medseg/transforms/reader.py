@@ -1,6 +1,7 @@
 """MONAI's NIfTI reader on top of medseg's one volume reader, so training data fails like any other input.
 
-``LoadVolumed`` (``LoadImage`` with :class:`VolumeReader`) reads each file with :func:`medseg.io.load_volume` — missing, empty,
+``LoadVolumed`` (``LoadImage`` with :class:`VolumeReader`) reads each file (or, for a multi-channel case, each
+channel file, stacked as channels by MONAI) with :func:`medseg.io.load_volume` — missing, empty,
 truncated, corrupt, non-3D, NaN-holding volumes and degenerate affines raise
 :class:`medseg.io.InputError` naming the file — and then hands the checked image to MONAI's
 ``NibabelReader`` for the metadata (affine, spacing, channel handling) exactly as before. The voxel array is
@@ -41,10 +42,11 @@ class LoadVolumed(MapTransform):
     def __init__(self, keys: KeysCollection) -> None:
         super().__init__(keys)
         self._loader = LoadImage(image_only=True)
-        self._reader = VolumeReader()
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self._loader(d[key], reader=self._reader)
+            # a reader per call: NibabelReader keeps the file names of its last read, and CacheDataset fills
+            # its cache from several threads (a shared reader would stack another case's channel count)
+            d[key] = self._loader(d[key], reader=VolumeReader())
         return d

@@ -31,7 +31,8 @@ class GridAttentionGate3D(nn.Module):
         in_channels: channels of the skip feature ``x``.
         gating_channels: channels of the gating signal ``g`` (on a grid ``sub_sample`` times coarser).
         inter_channels: channels of the joint space θx + φg; defaults to ``in_channels // 2`` (min 1).
-        sub_sample: stride (and kernel size) of θ, i.e. how much coarser the gating grid is.
+        sub_sample: stride (and kernel size) of θ, i.e. how much coarser the gating grid is: one int, or one
+            per axis (``(2, 2, 1)`` when the pooling below this level kept the slice axis).
         norm: normalisation of the output transform ``W``.
 
     Example:
@@ -47,7 +48,7 @@ class GridAttentionGate3D(nn.Module):
         in_channels: int,
         gating_channels: int,
         inter_channels: int | None = None,
-        sub_sample: int = 2,
+        sub_sample: int | tuple[int, int, int] = 2,
         norm: str = "instance",
     ) -> None:
         super().__init__()
