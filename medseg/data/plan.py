@@ -47,10 +47,14 @@ def fingerprint(cases: list[dict], max_voxels_per_case: int = 20_000, seed: int 
     }
 
 
-def make_plan(cfg, cases: list[dict], label_names: dict[str, int]) -> dict:
-    """Resolve the config's ``preprocess`` section (a :class:`medseg.config.Config`) against the fingerprint."""
+def make_plan(cfg, cases: list[dict], label_names: dict[str, int], fp: dict | None = None) -> dict:
+    """Resolve the config's ``preprocess`` section (a :class:`medseg.config.Config`) against the fingerprint.
+
+    ``fp``: a fingerprint already computed (e.g. the ``"fingerprint"`` a plan records) instead of reading
+    ``cases`` again.
+    """
     pre = cfg.preprocess
-    fp = fingerprint(cases)
+    fp = fingerprint(cases) if fp is None else fp
     spacing = fp["median_spacing"] if pre.spacing == "auto" else [float(s) for s in pre.spacing]
     mode = pre.intensity.mode
     if mode == "window":
