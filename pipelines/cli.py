@@ -12,6 +12,7 @@ import typer
 
 from pipelines.ablation import ablate_command
 from pipelines.check_dataset import check_dataset_command
+from pipelines.cv_summary import cv_summary_command
 from pipelines.demo import demo_command
 from pipelines.evaluate import evaluate_command
 from pipelines.review import review_command
@@ -32,6 +33,7 @@ app.command("demo")(demo_command)
 app.command("ablate")(ablate_command)
 app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
+app.command("cv-summary")(cv_summary_command)
 
 
 def _quiet() -> None:
@@ -79,20 +81,39 @@ def train(
         list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=5 (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from <train.output>/last.pt.")] = False,
+    fold: Annotated[
+        str | None,
+        typer.Option(help="Cross-validation fold 0..data.folds-1 (into train.output/fold_K), or all."),
+    ] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="Data-parallel processes on this machine (one per GPU, or CPU).")
+    ] = None,
 ) -> None:
     """Train a network from a YAML config; writes checkpoints, metrics.csv and curves.png to train.output."""
     from medseg.config import ConfigError, load_config
+    from medseg.data.folds import parse_fold
 
     try:
         cfg = load_config(config, set_ or [])  # checked before torch or any data is loaded
-    except ConfigError as exc:
+        fold_id = None if fold is None else parse_fold(fold, cfg.data.folds)
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
     from medseg.data.check import DatasetError
     from medseg.engine import train as run_train
+    from medseg.engine.distributed import PeerError
+    from medseg.engine.launch import TrainingFailed, train_processes
     from medseg.io import InputError
 
     try:
-        out = run_train(cfg, resume=resume, log=typer.echo)
+        if nproc is None:  # one process, or one of torchrun's
+            out = run_train(cfg, resume=resume, log=typer.echo, fold=fold_id)
+        else:
+            out = train_processes(cfg, nproc, resume=resume, log=typer.echo, fold=fold_id)
+    except PeerError:  # under torchrun: rank 0 reported the error
+        raise typer.Exit(2) from None
+    except TrainingFailed as exc:
+        typer.echo(exc.callstack, err=True)
+        _fail(str(exc), code=1)
     except DatasetError as exc:  # every problem of the header check, one line each
         for problem in exc.problems:
             typer.echo(f"error: {problem.line()}", err=True)
@@ -101,7 +122,8 @@ def train(
         raise typer.Exit(2) from None
     except (ConfigError, InputError) as exc:
         _fail(str(exc))
-    typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+        typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,8 +93,11 @@ class Replicas:
         if norm == "batch" and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        return model, net
+        ddp = nn.parallel.DistributedDataParallel
+        # no buffer broadcast before every forward (sync_buffers averages them); the newer keyword if known
+        new = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        no_broadcast = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+        return model, ddp(model, device_ids=ids, **no_broadcast)
 
     def loader_options(self, dataset, generator: torch.Generator, seed: int) -> dict[str, Any]:
         """DataLoader keywords for one epoch: a shuffle from ``generator`` (one process), or this rank's
