@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -76,7 +76,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
 def test_five_fold_cross_validation_end_to_end(tmp_path):
     data, run, pred = tmp_path / "data", tmp_path / "run", tmp_path / "pred"
     r = runner.invoke(
-        app, ["phantoms", str(data), "--cases", "5", "--test", "1", "--shape", "40", "40", "20"]
+        app, ["phantoms", str(data), "--cases", "5", "--test", "1", "--shape", "32", "32", "16"]
     )
     assert r.exit_code == 0, r.output
     config = tmp_path / "cv.yaml"
@@ -103,6 +103,8 @@ def test_five_fold_cross_validation_end_to_end(tmp_path):
     assert r.exit_code == 2 and "1 no longer in it (phantom_000)" in r.output, r.output
     r = runner.invoke(app, ["train", str(config), *sets, "--fold", "5"])
     assert r.exit_code == 2 and "expected 0..4" in r.output
+    r = runner.invoke(app, ["train", str(config), *sets])  # a run without folds would replace plan.json
+    assert r.exit_code == 2 and "a cross-validation run folder (splits.json)" in r.output, r.output
 
     r = runner.invoke(app, ["train", str(config), *sets, "--fold", "4"])
     assert r.exit_code == 0, r.output
@@ -148,10 +150,18 @@ def test_five_fold_cross_validation_end_to_end(tmp_path):
         assert ckpt["postprocess"] == decision["rules"] and "postprocess_fold" in ckpt
         assert ckpt["postprocess_source"].startswith("cross-validation: 5 validation cases")
 
+    # --fold all: every case, no validation; not part of the fold ensemble
+    r = runner.invoke(app, ["train", str(config), *sets, "--fold", "all"])
+    assert r.exit_code == 0 and "5 training / 0 validation cases" in r.output, r.output
+    assert (run / "fold_all" / "best.pt").exists() and not (run / "fold_all" / "validation.json").exists()
+
     r = runner.invoke(
         app, ["segment", "-i", str(data / "imagesTs"), "-o", str(pred), "-m", str(run), "--device", "cpu"]
     )
     assert r.exit_code == 0, r.output
     side = json.loads((pred / "phantom_005.json").read_text())
     assert side["checkpoints"] == [str(run / f"fold_{k}" / "best.pt") for k in range(5)]
-    assert not math.isnan(float(side["shape"][0]))
+    assert (
+        nib.load(pred / "phantom_005.nii.gz").shape
+        == nib.load(data / "imagesTs" / "phantom_005.nii.gz").shape
+    )

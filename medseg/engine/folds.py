@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import Config, ConfigError
-from medseg.data.folds import ALL_FOLDS, fold_cases, load_or_create_splits, parse_fold
+from medseg.data.folds import ALL_FOLDS, SPLITS_NAME, fold_cases, load_or_create_splits, parse_fold
 from medseg.data.plan import make_plan
 from medseg.io import InputError, atomic_write_text
 
@@ -40,6 +40,20 @@ class FoldRun:
     train_cases: list[dict]
     val_cases: list[dict]
     plan: dict
+
+
+def refuse_cross_validation_run(out: Path) -> None:
+    """A run without ``--fold`` must not write into a cross-validation run folder: its ``plan.json`` would
+    replace the plan the folds share.
+
+    Raises:
+        ConfigError: ``out`` holds a ``splits.json``.
+    """
+    if (out / SPLITS_NAME).exists():
+        raise ConfigError(
+            f"{out}: a cross-validation run folder ({SPLITS_NAME}); train a fold with --fold K, or use another "
+            "train.output"
+        )
 
 
 def fold_folder(run: str | Path, fold: int | str) -> Path:
@@ -90,7 +104,8 @@ def prepare_fold(cfg: Config, fold: int | str, cases: list[dict], names: dict[st
     ``fold`` is an index ``0 .. data.folds - 1`` or ``"all"`` (see :func:`medseg.data.folds.parse_fold`).
 
     Raises:
-        ConfigError: another fold, or a config that plans differently from the run's ``plan.json``.
+        ConfigError: another fold, a folder holding a run without folds, or a config that plans differently
+            from the run's ``plan.json``.
         InputError: a split that no longer fits the dataset, unreadable ``splits.json`` or ``plan.json``.
     """
     try:
@@ -98,6 +113,11 @@ def prepare_fold(cfg: Config, fold: int | str, cases: list[dict], names: dict[st
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     run = Path(cfg.train.output)
+    if (run / "last.pt").exists():
+        raise ConfigError(
+            f"{run}: holds a training run without folds (last.pt); cross-validation folds need a run folder of "
+            "their own (train.output)"
+        )
     run.mkdir(parents=True, exist_ok=True)
     if fold == ALL_FOLDS:
         train_cases, val_cases = list(cases), []

@@ -126,13 +126,16 @@ def train_processes(
         rdzv_endpoint="localhost:0",  # torchrun --standalone: a free port
         max_restarts=0,
     )
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)  # failures are reported below, once, without the launcher's traceback
+    # a failure is reported once, by the error raised below, without the launcher's traceback and notices
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, _worker)(config_to_dict(cfg), resume, fold, threads)
     except ChildFailedError as exc:
         raise _failure(exc) from None
     finally:
-        elastic.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return Path(results[0])

@@ -35,7 +35,7 @@ from medseg.data.datasets import label_names, read_dataset_json, split_cases, tr
 from medseg.data.plan import make_plan
 from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
-from medseg.engine.folds import prepare_fold
+from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.validation import validate
 from medseg.export import append_history, training_curves
 from medseg.io import InputError, atomic_write_text
@@ -130,6 +130,7 @@ def _train(cfg: Config, resume: bool, log, fold: int | str | None, replicas: Rep
     cases = training_cases(root)
     if fold is None:
         out, shared = Path(tcfg.output), None
+        refuse_cross_validation_run(out)
         train_cases, val_cases = split_cases(
             cases, cfg.data.val_fraction, tcfg.seed, list(cfg.data.val_cases or [])
         )
