@@ -21,10 +21,11 @@ What :class:`Replicas` adds for medseg's training loop:
   step — what timm's ``distribute_bn(reduce=True)`` does once per epoch. The EMA unit's bases
   (:class:`medseg.nets.blocks.ema.EMAUnit3D`, Li et al., "Expectation-Maximization Attention Networks",
   ICCV 2019, Sec. 3.3: ``μ ← α μ + (1 − α) mean_batch(μ_final)``) are averaged over the processes after every
-  step and L2-normalised again: the old bases are equal on every process, so before normalisation the
-  average is exactly the paper's update on the whole batch of all processes. DDP's own per-forward buffer
-  broadcast is switched off (``broadcast_buffers=False``): these averages keep the buffers equal instead,
-  using every process's batch rather than only rank 0's;
+  step and L2-normalised again. The update is linear in the batch mean and the old bases are equal on every
+  process, so this is the paper's update on the whole batch of all processes, except that each process
+  normalised its own update before the average (a difference of the order of the spread of the per-process
+  norms). DDP's own per-forward buffer broadcast is switched off (``broadcast_buffers=False``): these
+  averages keep the buffers equal instead, using every process's batch rather than only rank 0's;
 * **one writer**: rank 0 alone writes files and logs; :meth:`Replicas.on_main` runs a step on rank 0 and
   hands its result (or its error) to every rank, :meth:`Replicas.barrier` makes the others wait;
 * **sharded validation**: each rank predicts every ``WORLD_SIZE``-th validation case and the per-case
