@@ -12,6 +12,7 @@ import typer
 
 from pipelines.ablation import ablate_command
 from pipelines.check_dataset import check_dataset_command
+from pipelines.cv_summary import cv_summary_command
 from pipelines.demo import demo_command
 from pipelines.evaluate import evaluate_command
 from pipelines.export import export_command
@@ -36,6 +37,7 @@ app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
 app.command("export")(export_command)
 app.command("plan")(plan_command)
+app.command("cv-summary")(cv_summary_command)
 
 
 def _quiet() -> None:
@@ -94,20 +96,39 @@ def train(
     plan: Annotated[
         Path | None, typer.Option("--plan", help="Use this plan (medseg plan -o plan.json, maybe edited).")
     ] = None,
+    fold: Annotated[
+        str | None,
+        typer.Option(help="Cross-validation fold 0..data.folds-1 (into train.output/fold_K), or all."),
+    ] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="Data-parallel processes on this machine (one per GPU, or CPU).")
+    ] = None,
 ) -> None:
     """Train a network from a YAML config; writes checkpoints, metrics.csv and curves.png to train.output."""
     from medseg.config import ConfigError, load_config
+    from medseg.data.folds import parse_fold
 
     try:
         cfg = load_config(config, set_ or [])  # checked before torch or any data is loaded
-    except ConfigError as exc:
+        fold_id = None if fold is None else parse_fold(fold, cfg.data.folds)
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
     from medseg.data.check import DatasetError
     from medseg.engine import train as run_train
+    from medseg.engine.distributed import PeerError
+    from medseg.engine.launch import TrainingFailed, train_processes
     from medseg.io import InputError
 
     try:
-        out = run_train(cfg, resume=resume, log=typer.echo, plan_path=plan)
+        if nproc is None:  # one process, or one of torchrun's
+            out = run_train(cfg, resume=resume, log=typer.echo, fold=fold_id, plan_path=plan)
+        else:
+            out = train_processes(cfg, nproc, resume=resume, log=typer.echo, fold=fold_id, plan_path=plan)
+    except PeerError:  # under torchrun: rank 0 reported the error
+        raise typer.Exit(2) from None
+    except TrainingFailed as exc:
+        typer.echo(exc.callstack, err=True)
+        _fail(str(exc), code=1)
     except DatasetError as exc:  # every problem of the header check, one line each
         for problem in exc.problems:
             typer.echo(f"error: {problem.line()}", err=True)
@@ -116,7 +137,8 @@ def train(
         raise typer.Exit(2) from None
     except (ConfigError, InputError) as exc:
         _fail(str(exc))
-    typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+        typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -124,9 +124,10 @@ class DataConfig(_Section):
     val_cases: tuple[str, ...] | None = None  # or an explicit list of case names
     cache_rate: float = 1.0
     num_workers: int = 0
+    folds: int = 5  # cross-validation folds of `medseg train --fold K` (nnU-Net's 5-fold CV)
 
     _name = "data"
-    _ints = ("num_workers",)
+    _ints = ("num_workers", "folds")
     _floats = ("val_fraction", "cache_rate")
 
     def validate(self) -> None:
@@ -139,6 +140,7 @@ class DataConfig(_Section):
         _range("data.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
         _range("data.cache_rate", self.cache_rate, 0.0, 1.0)
         _range("data.num_workers", self.num_workers, 0)
+        _range("data.folds", self.folds, 2)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,11 @@ One function, :func:`train`, driven by a resolved config (see :mod:`medseg.confi
 
 * ``config.yaml`` — the resolved config; ``plan.json`` — the preprocessing plan;
 * ``last.pt`` every epoch and ``best.pt`` at the best validation mean Dice (see :mod:`.checkpoint`);
-* ``metrics.csv`` — one row per epoch; ``curves.png`` — loss and validation Dice.
+* ``metrics.csv`` — one row per epoch; ``curves.png`` — loss and validation Dice;
+* with validation cases, ``validation.json``/``.csv`` and ``validation/`` (:mod:`.final_validation`).
+
+``fold=K`` trains fold K of a cross-validation run into ``train.output/fold_K`` (:mod:`.folds`). Under
+torchrun the same function trains data-parallel, rank 0 writing (:mod:`.distributed`).
 
 Resuming (``resume=True``) restores weights, optimizer, scheduler, epoch, best metric and RNG state from
 ``last.pt``. Randomness per epoch is derived from ``(seed, epoch)`` — MONAI transform states, the sampler and
@@ -25,7 +29,6 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate
 
 from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
-from medseg.config.schema import plan_roi_size
 from medseg.data.check import require_valid_dataset
 from medseg.data.datasets import (
     input_channels,
@@ -35,9 +38,11 @@ from medseg.data.datasets import (
     training_cases,
 )
 from medseg.data.plan_file import dump_plan
-from medseg.device import resolve_device
+from medseg.engine.distributed import Replicas, process_group, record_replicas
+from medseg.engine.final_validation import record_final_validation
+from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.planning import resolve_plan
-from medseg.engine.validation import decide_postprocessing, validate, validation_predictions
+from medseg.engine.validation import validate
 from medseg.export import append_history, training_curves
 from medseg.io import InputError, atomic_write_text
 from medseg.io.atomic import remove_stale_temps
@@ -101,44 +106,80 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def train(cfg: Config, resume: bool = False, log=print, plan_path: str | Path | None = None) -> Path:
+def train(
+    cfg: Config,
+    resume: bool = False,
+    log=print,
+    fold: int | str | None = None,
+    plan_path: str | Path | None = None,
+) -> Path:
     """Train the configured network; return the run folder. See the module docstring for outputs.
 
-    ``plan_path``: a plan file (``medseg plan -o plan.json``, maybe edited) to use instead of planning from
-    the fingerprint (:func:`medseg.engine.planning.resolve_plan`); a resumed run keeps its own plan.
+    Args:
+        fold: ``None`` (one run, split by ``data.val_fraction`` / ``data.val_cases``), a cross-validation
+            fold ``0 .. data.folds - 1`` or ``"all"`` (:mod:`medseg.engine.folds`).
+        plan_path: a plan file (``medseg plan -o plan.json``, maybe edited) to use instead of planning from
+            the fingerprint (:func:`medseg.engine.planning.resolve_plan`); a resumed run keeps its own plan,
+            the folds of a run the plan of its first fold.
     """
+    with process_group(cfg.train.device) as replicas:
+        return _train(cfg, resume, log if replicas.is_main else _silent, fold, replicas, plan_path)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(
+    cfg: Config, resume: bool, log, fold: int | str | None, replicas: Replicas, plan_path: str | Path | None
+) -> Path:
     tcfg = cfg.train
     root = cfg.data.root
     if root is None:
         raise ConfigError("data.root is not set (path to a dataset folder with dataset.json)")
-    require_valid_dataset(root)  # headers only, every problem at once (DatasetError); before any write
-    out = Path(tcfg.output)
-    device = resolve_device(tcfg.device)
+    # headers only, every problem at once (DatasetError); before any write
+    replicas.on_main(lambda: require_valid_dataset(root))
+    device = replicas.device
     seed_everything(tcfg.seed)
 
     meta = read_dataset_json(root)
     names = label_names(meta)
     cases = training_cases(root)
-    train_cases, val_cases = split_cases(
-        cases, cfg.data.val_fraction, tcfg.seed, list(cfg.data.val_cases or [])
-    )
+    channels = input_channels(meta, root)
 
-    ckpt = load_checkpoint(out / "last.pt") if resume else None
+    def make(plan_cases: list[dict]) -> dict:  # a plan file is checked here, before anything is written
+        return resolve_plan(cfg, plan_cases, names, channels, plan_path, log)
+
+    if fold is None:
+        out, shared = Path(tcfg.output), None
+        refuse_cross_validation_run(out)
+        train_cases, val_cases = split_cases(
+            cases, cfg.data.val_fraction, tcfg.seed, list(cfg.data.val_cases or [])
+        )
+    else:  # split and plan made once per run folder (rank 0), shared by every fold
+        shared = replicas.on_main(lambda: prepare_fold(cfg, fold, cases, make))
+        out, train_cases, val_cases = shared.out, shared.train_cases, shared.val_cases
+    out.mkdir(parents=True, exist_ok=True)
+    if replicas.is_main:
+        remove_stale_temps(out)  # temporary files of a killed earlier run (never a live writer's)
+
+    ckpt = load_checkpoint(out / "last.pt") if resume else None  # every rank, on the CPU
     if ckpt is not None:
         checkpoint_config(ckpt, out / "last.pt")  # a recorded config that no longer loads is named here
-    channels = input_channels(meta, root)  # a plan file is checked here, before anything is written
-    plan = ckpt["plan"] if ckpt else resolve_plan(cfg, train_cases, names, channels, plan_path, log)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)  # temporary files of a killed earlier run (never a live writer's)
-    if not resume:  # a new run in an old folder starts a new history
+    if not resume and replicas.is_main:  # a new run in an old folder starts a new history
         (out / "metrics.csv").unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    atomic_write_text(out / "plan.json", dump_plan(plan))
+    if ckpt:
+        plan = ckpt["plan"]
+    else:
+        plan = shared.plan if shared else replicas.on_main(lambda: make(train_cases))
+    if replicas.is_main:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        atomic_write_text(out / "plan.json", dump_plan(plan))
 
     num_classes = len(names)
     model = build_network(cfg.model, plan["in_channels"], num_classes, plan.get("pool_kernels"))
     init_class_prior(model, plan.get("fingerprint", {}).get("class_fractions", []), num_classes)
-    model = model.to(device)
+    model, net = replicas.wrap(model.to(device), cfg.model.norm)  # net: DDP under torchrun
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
@@ -172,6 +213,8 @@ def train(cfg: Config, resume: bool = False, log=print, plan_path: str | Path | 
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
     )
+    if replicas.distributed:
+        log(f"{replicas.world} processes: effective batch {tcfg.batch_size * replicas.world} per step")
 
     def state(epoch: int) -> dict:
         return {
@@ -190,50 +233,52 @@ def train(cfg: Config, resume: bool = False, log=print, plan_path: str | Path | 
     t_start = time.monotonic()
     for epoch in range(start_epoch, epochs):
         epoch_seed = tcfg.seed * 1_000_003 + epoch
-        train_tf.set_random_state(seed=epoch_seed % 2**32)
+        train_tf.set_random_state(seed=replicas.rank_seed(epoch_seed) % 2**32)
         generator = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
             train_ds,
             batch_size=plan.get("batch_size", tcfg.batch_size),
-            shuffle=True,
-            generator=generator,
+            **replicas.loader_options(train_ds, generator, epoch_seed),
             num_workers=dcfg.num_workers,
             collate_fn=list_data_collate,
         )
         model.train()
         t0, losses = time.monotonic(), []
         batches = _infinite(loader)
-        progress = _progress(range(iters), tcfg.progress, f"epoch {epoch + 1}/{epochs}")
+        progress = _progress(range(iters), tcfg.progress and replicas.is_main, f"epoch {epoch + 1}/{epochs}")
         for _ in progress:
             batch = next(batches)
             image, label = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = loss_fn(model(image), label)
+                loss = loss_fn(net(image), label)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            replicas.sync_buffers(model)  # EMA bases, CPU BatchNorm statistics
             losses.append(float(loss.detach()))
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
         row = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": replicas.mean(float(np.mean(losses))),
             "lr": optimizer.param_groups[0]["lr"],
         }
         last_epoch = epoch == epochs - 1
         out_of_time = tcfg.max_minutes is not None and (time.monotonic() - t_start) / 60 > tcfg.max_minutes
+        out_of_time = replicas.any(out_of_time)  # every rank stops after the same epoch
         if len(val_cases) and ((epoch + 1) % tcfg.val_every == 0 or last_epoch or out_of_time):
-            scores = validate(model, val_ds, cfg, plan, device)
+            scores = validate(model, val_ds, cfg, plan, device, replicas)
             row.update(
                 {"val_dice": scores["mean"], **{f"val_dice_{k}": v for k, v in scores.items() if k != "mean"}}
             )
-            if scores["mean"] > best:
+            if scores["mean"] > best:  # equal on every rank: the scores were gathered
                 best = scores["mean"]
-                save_checkpoint(state(epoch), out / "best.pt")
+                if replicas.is_main:
+                    save_checkpoint(state(epoch), out / "best.pt")
         row["seconds"] = time.monotonic() - t0
         val_text = (
             f", validation mean Dice {row['val_dice']:.4f} (best {best:.4f})" if "val_dice" in row else ""
@@ -241,31 +286,21 @@ def train(cfg: Config, resume: bool = False, log=print, plan_path: str | Path | 
         log(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} ({row['seconds']:.0f} s){val_text}")
         # history first, checkpoint last: a kill in between re-runs this epoch on resume and its row is
         # replaced, so metrics.csv never misses an epoch that last.pt holds
-        append_history(out / "metrics.csv", row)
-        training_curves(out / "metrics.csv", out / "curves.png")
-        save_checkpoint(state(epoch), out / "last.pt")
+        if replicas.is_main:
+            append_history(out / "metrics.csv", row)
+            training_curves(out / "metrics.csv", out / "curves.png")
+            save_checkpoint(state(epoch), out / "last.pt")
         if out_of_time:
             log(f"stopping after epoch {epoch + 1}: train.max_minutes={tcfg.max_minutes} reached")
             break
-    if not (out / "best.pt").exists() and (out / "last.pt").exists():  # no validation split: best = last
-        save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
+    if replicas.distributed:
+        record_replicas(replicas, model, out, log)
+    if replicas.is_main and not (out / "best.pt").exists() and (out / "last.pt").exists():
+        save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")  # no validation split: best = last
+    replicas.barrier()
     if len(val_cases) and (out / "best.pt").exists():
-        _record_postprocessing(model, val_ds, cfg, plan, device, out / "best.pt", log)
+        record_final_validation(model, val_ds, val_cases, cfg, plan, device, out / "best.pt", replicas, log)
     return out
-
-
-def _record_postprocessing(model, val_ds, cfg: Config, plan: dict, device, best: Path, log) -> None:
-    """Decide the per-label component cleanup with the best weights on the validation cases; store it in
-    ``best.pt`` (see :mod:`medseg.engine.validation`)."""
-    ckpt = load_checkpoint(best)
-    model.load_state_dict(ckpt["model"])
-    pairs = list(validation_predictions(model, val_ds, cfg, device, plan_roi_size(cfg, plan)))
-    rules, report = decide_postprocessing(pairs, plan["labels"], plan["spacing"])
-    ckpt["postprocess"] = rules
-    ckpt["postprocess_report"] = report
-    save_checkpoint(ckpt, best)
-    kept = [f"{name}: {r['chosen']}" for name, r in report.items() if r["chosen"] != "none"]
-    log(f"postprocessing kept on {len(pairs)} validation case(s): {', '.join(kept) or 'none'}")
 
 
 def _input_error_in(exc: BaseException) -> InputError | None:

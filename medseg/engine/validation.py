@@ -35,13 +35,20 @@ SMALL_BLOB_FRACTION = 0.05
 
 @torch.no_grad()
 def validation_predictions(
-    model, val_ds, cfg, device: torch.device, roi_size: Sequence[int] | None = None
+    model,
+    val_ds,
+    cfg,
+    device: torch.device,
+    indices: Sequence[int] | None = None,
+    roi_size: Sequence[int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(prediction, reference)`` label maps in model space, one pair per validation volume; the window is
-    ``roi_size`` (the plan's, :func:`medseg.config.schema.plan_roi_size`) or the config's."""
+    """``(prediction, reference)`` label maps in model space, one pair per validation volume (or per volume of
+    ``indices``, e.g. one rank's share); the window is ``roi_size`` (the plan's,
+    :func:`medseg.config.schema.plan_roi_size`) or the config's."""
     infer = cfg.infer
     roi = roi_size or cfg.roi_size
-    for item in val_ds:
+    for i in range(len(val_ds)) if indices is None else indices:
+        item = val_ds[i]
         image = torch.as_tensor(item["image"])[None].to(device)
         logits = sliding_window_logits(
             model, image, roi, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
@@ -51,14 +58,26 @@ def validation_predictions(
         yield pred, ref
 
 
-def validate(model, val_ds, cfg, plan: dict, device: torch.device) -> dict[str, float]:
-    """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`."""
+def validate(model, val_ds, cfg, plan: dict, device: torch.device, replicas=None) -> dict[str, float]:
+    """Mean Dice per label over the validation volumes (model space), via :func:`medseg.metrics.dice_per_label`.
+
+    With several training processes (``replicas``, a :class:`medseg.engine.distributed.Replicas`) each
+    predicts its share of the volumes and the per-volume scores are gathered: every rank returns the same
+    means, taken in volume order as one process would.
+    """
     labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
-    per_label: dict[str, list[float]] = {name: [] for name in labels}
-    for pred, ref in validation_predictions(model, val_ds, cfg, device, plan_roi_size(cfg, plan)):
+    indices = list(range(len(val_ds))) if replicas is None else replicas.shard(len(val_ds))
+    roi = plan_roi_size(cfg, plan)
+    local = []
+    for i, (pred, ref) in zip(
+        indices, validation_predictions(model, val_ds, cfg, device, indices, roi), strict=True
+    ):
         scores = dice_per_label(pred, ref, list(labels.values()))
-        for name, idx in labels.items():
-            per_label[name].append(float(scores[idx]))
+        local.append((i, {name: float(scores[idx]) for name, idx in labels.items()}))
+    per_label: dict[str, list[float]] = {name: [] for name in labels}
+    for _, scores in sorted(local if replicas is None else replicas.gather(local), key=lambda s: s[0]):
+        for name in labels:
+            per_label[name].append(scores[name])
     means = {name: float(np.mean(v)) for name, v in per_label.items()}
     means["mean"] = float(np.mean(list(means.values()))) if means else float("nan")
     return means

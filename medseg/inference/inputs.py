@@ -141,7 +141,8 @@ def case_stamp(case: CaseSource) -> dict:
 
 def resolve_checkpoints(models: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The checkpoint files of ``-m`` values, in order: a file is itself; a folder gives its
-    ``fold_*/best.pt`` (sorted) when there are any, else — for a ``medseg train`` run folder (``best.pt``
+    ``fold_K/best.pt`` (a cross-validation run, folds in numeric order; ``fold_all`` only when there is no
+    numbered fold) when there are any, else — for a ``medseg train`` run folder (``best.pt``
     beside ``last.pt``) — its ``best.pt``, else every ``*.pt`` directly inside (sorted).
 
     Raises:
@@ -157,7 +158,7 @@ def resolve_checkpoints(models: str | os.PathLike | Sequence[str | os.PathLike])
             raise InputError(f"{model}: checkpoint not found")
         if not model.is_dir():
             found.append(model)
-        elif folds := sorted(model.glob("fold_*/best.pt")):
+        elif folds := _fold_checkpoints(model):
             found += folds
         elif (model / "best.pt").is_file() and (model / "last.pt").is_file():
             found.append(model / "best.pt")
@@ -172,6 +173,15 @@ def resolve_checkpoints(models: str | os.PathLike | Sequence[str | os.PathLike])
             raise InputError(f"{path}: checkpoint given twice (also as {seen[real]})")
         seen[real] = path
     return found
+
+
+def _fold_checkpoints(run: Path) -> list[Path]:
+    """``fold_0/best.pt``, ``fold_1/best.pt``, … of a cross-validation run folder (``fold_all/best.pt`` when
+    there is no numbered fold: nnU-Net's ensemble is of the folds, ``all`` is a model of its own)."""
+    numbered = [p for p in run.glob("fold_*/best.pt") if p.parent.name[5:].isdigit()]
+    if numbered:
+        return sorted(numbered, key=lambda p: int(p.parent.name[5:]))
+    return [p for p in [run / "fold_all" / "best.pt"] if p.is_file()]
 
 
 def _series_suffix(info: SeriesInfo) -> str:

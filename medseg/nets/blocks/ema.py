@@ -19,8 +19,8 @@ without gradient). The initial bases are a buffer ``mu`` of shape ``(1, C, K)``,
 ``normal(0, sqrt(2/K))`` then L2-normalised over channels; in training they follow the batch-mean of the
 final bases by a moving average, ``mu ← momentum·mu + (1 − momentum)·mean_b(μ)``, then are L2-normalised
 again (note: ``momentum`` weighs the *old* value, the opposite of BatchNorm's convention). In a
-multi-GPU setting the buffer is not synchronised here; average it across ranks in the training loop if
-needed.
+multi-GPU setting the buffer is not synchronised here: data-parallel training averages it across ranks
+after every step (:meth:`medseg.engine.distributed.Replicas.sync_buffers`).
 
 Every tensor is at most ``B × N × K`` (the responsibilities), so memory is linear in ``N``.
 """
