@@ -11,6 +11,9 @@ Resuming (``resume=True``) restores weights, optimizer, scheduler, epoch, best m
 ``last.pt``. Randomness per epoch is derived from ``(seed, epoch)`` — MONAI transform states, the sampler and
 torch's generator are reseeded at every epoch start — so a resumed run continues exactly as the
 uninterrupted run would have.
+
+``data.cache`` chooses where the preprocessed cases live — RAM (``memory``, the default), files on disk
+(``disk``) or nowhere (``none``, streaming); see :mod:`.caching`.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.data import DataLoader, list_data_collate
 
 from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
 from medseg.data.check import require_valid_dataset
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
 from medseg.data.plan import make_plan
 from medseg.device import resolve_device
+from medseg.engine.caching import build_dataset, describe_cache, named_errors
 from medseg.engine.validation import decide_postprocessing, validate, validation_predictions
 from medseg.export import append_history, training_curves
-from medseg.io import InputError, atomic_write_text
+from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
@@ -146,17 +150,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
 
     dcfg = cfg.data
     train_tf = train_transforms(plan, cfg.augment)
-    try:
-        train_ds = CacheDataset(
-            train_cases, train_tf, cache_rate=dcfg.cache_rate, num_workers=None, progress=False
-        )
-        val_ds = (
-            CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg.cache_rate, progress=False)
-            if val_cases
-            else []
-        )
-    except RuntimeError as exc:  # MONAI wraps a transform's error; surface medseg's one-line reason
-        raise _input_error_in(exc) or exc from None
+    train_ds = build_dataset(cfg, plan, train_cases, train_tf, "train")  # data.cache: see engine/caching.py
+    val_ds = build_dataset(cfg, plan, val_cases, val_transforms(plan), "val") if val_cases else []
+    log(f"data cache: {describe_cache(cfg, plan)}")
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
     )
@@ -190,7 +186,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
         )
         model.train()
         t0, losses = time.monotonic(), []
-        batches = _infinite(loader)
+        batches = named_errors(_infinite(loader))
         progress = _progress(range(iters), tcfg.progress, f"epoch {epoch + 1}/{epochs}")
         for _ in progress:
             batch = next(batches)
@@ -254,17 +250,6 @@ def _record_postprocessing(model, val_ds, cfg: Config, plan: dict, device, best:
     save_checkpoint(ckpt, best)
     kept = [f"{name}: {r['chosen']}" for name, r in report.items() if r["chosen"] != "none"]
     log(f"postprocessing kept on {len(pairs)} validation case(s): {', '.join(kept) or 'none'}")
-
-
-def _input_error_in(exc: BaseException) -> InputError | None:
-    """The :class:`medseg.io.InputError` (names file and cause) inside MONAI's chain of wrapped errors."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _progress(iterable, enabled: bool, desc: str):
