@@ -1,12 +1,14 @@
 """Benchmark: epoch time and peak memory of training with ``data.cache`` memory / disk / none, each in a child.
 
-    python -m pipelines.bench_cache [--cases 40] [--iters 40] [--workers 0 2] [--threads 2] [--keep DIR]
+    python -m pipelines.bench_cache [--cases 40] [--iters 40] [--workers 0 2] [--threads 1] [--keep DIR]
 
 Writes ``--cases`` training phantoms at the demo size (96×96×40 voxels, as ``medseg demo``; seed 2026) and
 trains the demo recipe (``configs/demo.yaml``: Attention U-Net 8..128, patch 64×64×32, batch 1) for one epoch
 of ``--iters`` iterations on the CPU, without a validation split, once per row, each in a fresh child process
-with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``. The default, 40 iterations of batch 1 over 40
-cases, draws every case exactly once: a cold disk epoch preprocesses and writes each case once.
+with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads`` (default 1: on 2 cores the DataLoader workers
+need the other core, and OpenMP threads spin-waiting on each other make 2-thread timings erratic — 6× slower
+— when other work shares the CPU). The default, 40 iterations of batch 1 over 40 cases, draws every case
+exactly once: a cold disk epoch preprocesses and writes each case once.
 
 Rows, for each ``--workers`` value (``data.num_workers``):
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=int, default=40, help="training phantoms (demo size)")
     parser.add_argument("--iters", type=int, default=40, help="iterations of the measured epoch (batch 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep the files")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
