@@ -261,29 +261,35 @@ def test_cache_mode_is_checked_when_the_config_loads():
     assert load_config(None, []).data.cache == "memory"
 
 
-def test_workers_give_the_same_batches_in_every_mode_and_name_a_broken_case(
+def test_workers_give_the_same_batches_in_every_mode_resume_and_name_a_broken_case(
     tiny_dataset, tmp_path, one_thread
 ):
-    """With 2 DataLoader workers (augmentation in the workers; a different random stream than with none, but
-    the same in every mode), memory and disk train identically; a case a worker cannot read ends in the
-    one-line error naming the file."""
+    """With 2 DataLoader workers (augmentation in the workers; a different random stream than without, but
+    the same in every mode): the first epoch is the same in every mode, a disk run interrupted and resumed
+    equals an uninterrupted memory run, and a case a worker cannot read ends in the one-line error naming
+    the file."""
     from medseg.engine import train
     from medseg.io import InputError
 
     quiet = lambda *_: None  # noqa: E731
-    for mode in ("memory", "disk"):
-        train(
-            _cfg(tiny_dataset, tmp_path / mode, f"data.cache={mode}", "data.num_workers=2", "train.epochs=1"),
-            log=quiet,
-        )
-    assert _losses(tmp_path / "memory") == _losses(tmp_path / "disk")
+
+    def cfg(mode: str, out: Path, data: Path = tiny_dataset):
+        return _cfg(data, out, f"data.cache={mode}", "data.num_workers=2")
+
+    train(cfg("memory", tmp_path / "memory"), log=quiet)
+    for mode in ("disk", "none"):
+        first = cfg(mode, tmp_path / mode)
+        train(replace(first, train=replace(first.train, max_minutes=0.0)), log=quiet)  # stops after epoch 1
+        assert _losses(tmp_path / mode) == _losses(tmp_path / "memory")[:1], mode
+    train(cfg("disk", tmp_path / "disk"), resume=True, log=quiet)
+    assert _losses(tmp_path / "disk") == _losses(tmp_path / "memory")
     assert _same(_weights(tmp_path / "memory"), _weights(tmp_path / "disk"))
 
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     broken = sorted((data / "imagesTr").glob("*.nii.gz"))[1]
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size * 6 // 10])  # header fine, voxels cut
-    cfg = _cfg(data, tmp_path / "broken", "data.cache=none", "data.num_workers=2", "train.epochs=1")
+    broken_cfg = cfg("none", tmp_path / "broken", data)
     with pytest.raises(InputError) as info:
-        train(replace(cfg, train=replace(cfg.train, iters_per_epoch=4)), log=quiet)
+        train(replace(broken_cfg, train=replace(broken_cfg.train, iters_per_epoch=4)), log=quiet)
     assert str(info.value).startswith(f"{broken}: truncated") and "Traceback" not in str(info.value)

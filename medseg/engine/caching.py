@@ -27,8 +27,8 @@ free the disk.
 (MONAI's ``DataLoader``: in the main process with ``num_workers=0``, per worker with ``num_workers > 0``), so
 the batches of an epoch depend on ``(seed, epoch)`` only — in every mode, and a resumed run continues exactly
 (tested for each mode with ``num_workers=0``). With workers the random stream is a different one than without
-(each worker draws its own), but it is equally fixed by ``(seed, epoch, num_workers)``: resuming with the same
-``num_workers`` is exact too. In ``disk`` mode the workers write cache files concurrently; each write is
+(each worker draws its own), but it is equally fixed by ``(seed, epoch, num_workers)``: the modes still give
+the same batches, and resuming with the same ``num_workers`` is exact too (tested with 2 workers). In ``disk`` mode the workers write cache files concurrently; each write is
 atomic, so two writers of one case only replace identical files.
 
 **Errors.** A case that cannot be read is an :class:`medseg.io.InputError` naming the file: raised as is in
