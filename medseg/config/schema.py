@@ -44,6 +44,7 @@ class ConfigError(ValueError):
 AUTO = "auto"
 INTENSITY_MODES = ("window", "zscore")
 OPTIMIZERS = ("adamw", "sgd")
+CACHE_MODES = ("memory", "disk", "none")  # see medseg.engine.caching
 BLEND_MODES = ("gaussian", "constant")  # MONAI sliding_window_inference ``mode``
 ORIENTATIONS = tuple(a + b + c for a in "RL" for b in "AP" for c in "SI") + tuple(
     a + b + c for a in "AP" for b in "RL" for c in "SI"
@@ -117,12 +118,14 @@ class _Section:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Where the dataset is and how it is split."""
+    """Where the dataset is, how it is split and where its preprocessed cases are kept."""
 
     root: str | None = None  # MSD/nnU-Net dataset folder with dataset.json
     val_fraction: float = 0.2  # held out from the training cases for validation
     val_cases: tuple[str, ...] | None = None  # or an explicit list of case names
-    cache_rate: float = 1.0
+    cache: str = "memory"  # memory (CacheDataset) | disk (PersistentDataset) | none: see engine/caching.py
+    cache_dir: str | None = None  # disk cache root; None: <train.output>/../.medseg_cache
+    cache_rate: float = 1.0  # memory only: fraction of the cases held in RAM
     num_workers: int = 0
     folds: int = 5  # cross-validation folds of `medseg train --fold K` (nnU-Net's 5-fold CV)
 
@@ -138,6 +141,9 @@ class DataConfig(_Section):
                 raise ConfigError(f"data.val_cases: expected a list of case names, got {self.val_cases!r}")
             self._set("val_cases", tuple(str(c) for c in self.val_cases))
         _range("data.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        _choice("data.cache", self.cache, CACHE_MODES)
+        if self.cache_dir is not None:
+            self._set("cache_dir", str(self.cache_dir))
         _range("data.cache_rate", self.cache_rate, 0.0, 1.0)
         _range("data.num_workers", self.num_workers, 0)
         _range("data.folds", self.folds, 2)

@@ -15,6 +15,9 @@ Resuming (``resume=True``) restores weights, optimizer, scheduler, epoch, best m
 ``last.pt``. Randomness per epoch is derived from ``(seed, epoch)`` — MONAI transform states, the sampler and
 torch's generator are reseeded at every epoch start — so a resumed run continues exactly as the
 uninterrupted run would have.
+
+``data.cache`` chooses where the preprocessed cases live — RAM (``memory``, the default), files on disk
+(``disk``) or nowhere (``none``, streaming); see :mod:`.caching`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.data import DataLoader, list_data_collate
 
 from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
 from medseg.data.check import require_valid_dataset
@@ -38,13 +41,14 @@ from medseg.data.datasets import (
     training_cases,
 )
 from medseg.data.plan_file import dump_plan
+from medseg.engine.caching import build_dataset, describe_cache, named_errors
 from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.planning import resolve_plan
 from medseg.engine.validation import validate
 from medseg.export import append_history, training_curves
-from medseg.io import InputError, atomic_write_text
+from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
@@ -199,17 +203,9 @@ def _train(
 
     dcfg = cfg.data
     train_tf = train_transforms(plan, cfg.augment)
-    try:
-        train_ds = CacheDataset(
-            train_cases, train_tf, cache_rate=dcfg.cache_rate, num_workers=None, progress=False
-        )
-        val_ds = (
-            CacheDataset(val_cases, val_transforms(plan), cache_rate=dcfg.cache_rate, progress=False)
-            if val_cases
-            else []
-        )
-    except RuntimeError as exc:  # MONAI wraps a transform's error; surface medseg's one-line reason
-        raise _input_error_in(exc) or exc from None
+    train_ds = build_dataset(cfg, plan, train_cases, train_tf, "train")  # data.cache: see engine/caching.py
+    val_ds = build_dataset(cfg, plan, val_cases, val_transforms(plan), "val") if val_cases else []
+    log(f"data cache: {describe_cache(cfg, plan)}")
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
     )
@@ -244,7 +240,7 @@ def _train(
         )
         model.train()
         t0, losses = time.monotonic(), []
-        batches = _infinite(loader)
+        batches = named_errors(_infinite(loader))
         progress = _progress(range(iters), tcfg.progress and replicas.is_main, f"epoch {epoch + 1}/{epochs}")
         for _ in progress:
             batch = next(batches)
@@ -301,17 +297,6 @@ def _train(
     if len(val_cases) and (out / "best.pt").exists():
         record_final_validation(model, val_ds, val_cases, cfg, plan, device, out / "best.pt", replicas, log)
     return out
-
-
-def _input_error_in(exc: BaseException) -> InputError | None:
-    """The :class:`medseg.io.InputError` (names file and cause) inside MONAI's chain of wrapped errors."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _progress(iterable, enabled: bool, desc: str):
