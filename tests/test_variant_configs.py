@@ -24,6 +24,7 @@ QUICK = [
     "data.val_fraction=0",
     "infer.overlap=0",
     "infer.sw_batch_size=1",
+    "preprocess.spacing=auto",  # a recipe's fixed spacing (oktay2018_pancreas: 2 mm) would blow up the phantoms
 ]
 
 
