@@ -48,7 +48,11 @@ def segment_command(
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation.")] = False,
     precision: Annotated[
-        str, typer.Option(help="auto (fp32 on CPU, the checkpoint's AMP on CUDA) | fp32 | bf16 (autocast).")
+        str,
+        typer.Option(
+            help="auto (bf16 where the CPU or GPU computes it natively, else fp32 on CPU / fp16 on GPU) | "
+            "fp32 (exact) | bf16 | fp16 (CUDA).",
+        ),
     ] = "auto",
     postprocess: Annotated[
         str, typer.Option(help="auto (the checkpoint's per-label component rules) | none.")

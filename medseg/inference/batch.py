@@ -422,9 +422,7 @@ def segment_inputs(
         overlap=overlap,
         sw_batch_size=sw_batch_size,
         tta=tta,
-        precision=None
-        if precision == "auto"
-        else precision,  # auto: fp32 on CPU, the checkpoint's AMP on CUDA
+        precision=precision,  # auto: bf16 where native (medseg.inference.predictor.autocast_dtype)
         postprocess=postprocess,
     )
     identity = {

@@ -1,0 +1,68 @@
+"""The network as the sliding window runs it: precision, memory layout and device, chosen once per predictor.
+
+:func:`prepare_network` wraps a trained network (eval mode) in :class:`WindowNetwork`, whose ``forward`` takes a
+batch of float32 windows and returns float32 logits — what the network computes, in the chosen precision:
+
+* **precision**: ``torch.autocast`` to ``dtype`` on the windows' device (bf16 on the CPU and CUDA, fp16 on
+  CUDA), or float32 (``dtype=None``). Weights stay float32; autocast casts them once per sliding window.
+* **memory layout**: ``channels_last_3d`` (NDHWC) where it pays — the default, :func:`default_channels_last`,
+  says where, from measurements of ``python -m pipelines.bench_vs_monai --levers`` (module table below).
+
+Measured levers (2-core AVX-512-bf16 CPU, the default Attention U-Net 16..256, 2 windows of 96×96×64, see the
+README's speed section for the numbers and commands): what is not listed as the default did not win.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def default_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether windows run channels-last (NDHWC) by default on ``device`` in ``dtype`` (module docstring)."""
+    return False
+
+
+class WindowNetwork(nn.Module):
+    """``model`` run on windows in ``dtype`` autocast (None: float32), channels-last or not; float32 out.
+
+    Example:
+        >>> net = WindowNetwork(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), None, False)
+        >>> net(torch.zeros(2, 1, 8, 8, 8)).dtype
+        torch.float32
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.device_type = next(model.parameters()).device.type
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
+        autocast = torch.autocast(
+            self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+        with torch.no_grad(), autocast:
+            logits = self.model(windows)
+        return logits.float().contiguous()
+
+
+def prepare_network(
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool | None = None,
+) -> WindowNetwork:
+    """``model`` (eval mode, moved to ``device``) wrapped for the sliding window (module docstring).
+
+    ``channels_last=None`` takes :func:`default_channels_last`. The weights are converted in place (memory
+    layout only: the values are unchanged), so the model keeps working as before for other callers.
+    """
+    model = model.to(device).eval()
+    if channels_last is None:
+        channels_last = default_channels_last(device, dtype)
+    model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    return WindowNetwork(model, dtype, channels_last)
