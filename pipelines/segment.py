@@ -95,6 +95,22 @@ def segment_command(
             "--overwrite", help="Redo cases whose mask and sidecar are complete from an earlier run."
         ),
     ] = False,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1,
+            help="1: read and preprocess the next case and write the last one while the network runs; "
+            "0: one case at a time.",
+        ),
+    ] = 1,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Per case a line of seconds: read, preprocess, network, restore, postprocess, write.",
+        ),
+    ] = False,
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar.
 
@@ -127,6 +143,8 @@ def segment_command(
             split=split,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
+            prefetch=prefetch,
+            profile=profile,
         )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)

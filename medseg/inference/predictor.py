@@ -189,12 +189,14 @@ def peak_rss_gb() -> float | None:
 
 
 class _Stages:
-    """Seconds per stage and the running peak RSS after each (``Prediction.info``)."""
+    """Seconds per stage and the running peak RSS after each (``Prediction.info``); ``earlier``: the stages
+    of a :class:`Prepared` scan, counted in the total."""
 
-    def __init__(self) -> None:
+    def __init__(self, earlier: _Stages | None = None) -> None:
         self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-        self.peak: dict[str, float | None] = {}
+        self.seconds: dict[str, float] = dict(earlier.seconds) if earlier else {}
+        self.peak: dict[str, float | None] = dict(earlier.peak) if earlier else {}
+        self.start -= sum(self.seconds.values())
 
     def done(self, stage: str) -> None:
         now = time.perf_counter()
@@ -207,6 +209,17 @@ class _Stages:
             "seconds": {**self.seconds, "total": round(time.perf_counter() - self.start, 3)},
             "peak_rss_gb": self.peak,
         }
+
+
+@dataclass
+class Prepared:
+    """A scan read and preprocessed ahead of the network (:meth:`Predictor.prepare`, e.g. in a loader thread
+    while the network works on the previous scan); :meth:`Predictor.predict` takes it instead of a path and
+    releases its model-space image."""
+
+    reference: nib.spatialimages.SpatialImage
+    image: MetaTensor | None
+    stages: _Stages
 
 
 def _sha256(path: Path) -> str:
@@ -367,8 +380,18 @@ class Predictor:
             raise InputError(f"{name}: voxel data contains NaN or infinite values")
         return source
 
-    def predict(self, source: str | os.PathLike | nib.spatialimages.SpatialImage) -> Prediction:
-        """Segment one scan — a NIfTI path or an image already read (e.g. :func:`medseg.io.dicom.read_series`).
+    def prepare(self, source: str | os.PathLike | nib.spatialimages.SpatialImage) -> Prepared:
+        """Read (a path) and preprocess one scan for :meth:`predict`; raises as :meth:`predict` does."""
+        stages = _Stages()
+        reference = self._read(source)
+        stages.done("read")
+        image = self.preprocess(reference)
+        stages.done("preprocess")
+        return Prepared(reference, image, stages)
+
+    def predict(self, source: str | os.PathLike | nib.spatialimages.SpatialImage | Prepared) -> Prediction:
+        """Segment one scan — a NIfTI path, an image already read (e.g. :func:`medseg.io.dicom.read_series`) or
+        a :class:`Prepared` scan.
 
         A scan with no body (the plan crops to voxels above :data:`BODY_HU_THRESHOLD` HU and none is left:
         all air, or the few dense voxels vanish when resampled to the model grid) has nothing to segment:
@@ -378,11 +401,10 @@ class Predictor:
         Raises:
             InputError: unusable input (one line naming the file).
         """
-        stages = _Stages()
-        reference = self._read(source)
-        stages.done("read")
-        image = self.preprocess(reference)
-        stages.done("preprocess")
+        if not isinstance(source, Prepared):
+            source = self.prepare(source)
+        stages, reference, image = _Stages(source.stages), source.reference, source.image
+        source.image = None  # the network stage below frees the model-space image
         info: dict[str, Any] = {
             "checkpoints": [str(p) for p in self.checkpoints],
             "tta_flips": [list(f) for f in self.flips],
