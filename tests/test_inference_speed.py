@@ -7,6 +7,9 @@ run on small phantoms; nothing here is timed (timings are ``python -m pipelines.
 
 from __future__ import annotations
 
+import shutil
+import threading
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,6 +17,9 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.data.phantoms import generate_phantom
+from medseg.inference.batch import read_sidecar, segment_inputs
+from medseg.inference.lanes import run_lanes
+from medseg.inference.manifest import read_manifest
 from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
 from medseg.transforms import infer_transforms
 
@@ -87,3 +93,88 @@ def test_body_box_by_slabs():
     data[6, 1, 17] = -499
     data[4, 4, 20] = -500  # not above the threshold
     assert body_box(data, -500.0, slab=7) == [(2, 6), (1, 5), (17, 33)]
+
+
+# ---------------------------------------------------------------- lanes: the next case loads while the network runs
+
+
+def _recorded_lanes(prefetch: int, fail_load: int | None = None):
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    started_next = {i: threading.Event() for i in range(6)}
+
+    def note(what, i):
+        with lock:
+            events.append((what, i))
+
+    def load(i):
+        note("load", i)
+        started_next[i].set()
+        if i == fail_load:
+            return "failed"
+        return i * 10
+
+    def compute(i, loaded):
+        note("compute", i)
+        if prefetch and i + 1 < 6:
+            # the next case is being loaded while this one computes: wait for proof (bounded)
+            assert started_next[i + 1].wait(10), f"load {i + 1} did not start during compute {i}"
+        return loaded if loaded == "failed" else loaded + 1
+
+    def write(i, computed):
+        note("write", i)
+        return computed
+
+    results = list(run_lanes(list(range(6)), load, compute, write, prefetch))
+    return results, events
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_lanes_keep_the_order_and_at_most_one_case_ahead(prefetch):
+    results, events = _recorded_lanes(prefetch, fail_load=3)
+    assert results == [(0, 1), (1, 11), (2, 21), (3, "failed"), (4, 41), (5, 51)]  # a failure is one case's
+    for i in range(6):
+        at = events.index(("compute", i))
+        loads_before = {j for what, j in events[:at] if what == "load"}
+        writes_before = {j for what, j in events[:at] if what == "write"}
+        assert loads_before <= set(range(i + 2))  # never two cases ahead
+        assert set(range(i - 1)) <= writes_before or prefetch == 0  # never two cases behind
+        if prefetch == 0:
+            assert loads_before == set(range(i + 1)) and writes_before == set(range(i))
+
+
+def test_lanes_refuse_a_negative_prefetch():
+    with pytest.raises(ValueError, match="prefetch"):
+        list(run_lanes([1], lambda i: i, lambda i, x: x, lambda i, x: x, -1))
+
+
+# ---------------------------------------------------------------- the batch: prefetching changes no output
+
+
+def test_prefetch_changes_no_output_and_profile_prints_stages(tiny_run, tiny_dataset, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i, src in enumerate(sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))):
+        shutil.copyfile(src, inp / f"case_{i}.nii.gz")
+    (inp / "broken.nii.gz").write_bytes(b"not a nifti file")
+    outs = {}
+    for prefetch in (0, 1):
+        outs[prefetch] = tmp_path / f"out{prefetch}"
+        lines: list[str] = []
+        report = segment_inputs(
+            inp, outs[prefetch], tiny_run / "best.pt", device="cpu", log=lines.append,
+            prefetch=prefetch, profile=True,
+        )  # fmt: skip
+        assert len(report.written) == 2 and list(report.failed) == [str(inp / "broken.nii.gz")]
+        profiles = [line for line in lines if line.strip().startswith("profile ")]
+        assert len(profiles) == 2, lines
+        for name in ("read", "preprocess", "network", "restore", "write"):
+            assert f"{name} " in profiles[0]
+        side = read_sidecar(outs[prefetch] / "case_0.nii.gz")
+        assert side["inference"]["seconds"]["write"] >= 0
+    for name in ("case_0.nii.gz", "case_1.nii.gz"):
+        a = np.asarray(nib.load(outs[0] / name).dataobj)
+        b = np.asarray(nib.load(outs[1] / name).dataobj)
+        assert np.array_equal(a, b)
+    statuses = [[e["status"] for e in read_manifest(outs[p] / "manifest.jsonl")] for p in (0, 1)]
+    assert statuses[0] == statuses[1] == ["failed", "written", "written"]

@@ -138,11 +138,10 @@ class BatchRun:
             lanes = run_lanes(cases, self.load, self.compute, self.write, self.prefetch)
             for i, (case, outcome) in enumerate(lanes, 1):
                 say(f"[{i}/{len(cases)}] {outcome.line}")
-                if self.profile and outcome.seconds:
-                    times = ", ".join(
-                        f"{k} {outcome.seconds[k]:.1f}" for k in PROFILE_STAGES if k in outcome.seconds
-                    )
-                    say(f"  profile {case.label}: {times} s (total {outcome.seconds.get('case', 0.0):.1f} s)")
+                times = [f"{k} {outcome.seconds[k]:.1f}" for k in PROFILE_STAGES if k in outcome.seconds]
+                if self.profile and times:
+                    total = outcome.seconds.get("case", 0.0)
+                    say(f"  profile {case.label}: {', '.join(times)} s (case {total:.1f} s)")
                 if self.manifest is not None:
                     seconds = outcome.seconds.get("case", 0.0)
                     self.manifest.append(
