@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 
 from medseg.data.phantoms import generate_phantom
 from medseg.inference.batch import read_sidecar, segment_inputs
+from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
 from medseg.inference.lanes import run_lanes
 from medseg.inference.manifest import read_manifest
 from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
@@ -178,3 +179,57 @@ def test_prefetch_changes_no_output_and_profile_prints_stages(tiny_run, tiny_dat
         assert np.array_equal(a, b)
     statuses = [[e["status"] for e in read_manifest(outs[p] / "manifest.jsonl")] for p in (0, 1)]
     assert statuses[0] == statuses[1] == ["failed", "written", "written"]
+
+
+# ---------------------------------------------------------------- the prepared network
+
+
+def _nets():
+    from medseg.config import ModelConfig
+    from medseg.nets.registry import build_network
+
+    torch.manual_seed(0)
+    yield "attention_unet", build_network(ModelConfig(filters=[4, 8, 16, 32, 64]), 1, 3).eval()
+    yield (
+        "unet_batch_norm",
+        build_network(ModelConfig(name="unet", norm="batch", filters=[4, 8, 16]), 1, 3).eval(),
+    )
+
+
+@pytest.mark.parametrize("name, net", list(_nets()))
+def test_group_norm_copy_computes_what_the_network_computes(name, net):
+    x = torch.randn((2, 1, 32, 24, 16), generator=torch.Generator().manual_seed(1)) * 3 + 1
+    copy = instance_norms_as_group_norms(net)
+    kinds = {type(m).__name__ for m in copy.modules()}
+    assert "InstanceNorm3d" not in kinds and ("GroupNorm" in kinds) == (name == "attention_unet")
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules()) == (name == "attention_unet")
+    with torch.no_grad():  # the same function: equal to float64 round-off; float32 channels-last to its own
+        assert torch.allclose(copy.double()(x.double()), net.double()(x.double()), rtol=0, atol=1e-10)
+        ref, cl = net.float()(x), copy.float().to(memory_format=torch.channels_last_3d)
+        assert torch.allclose(cl(x.contiguous(memory_format=torch.channels_last_3d)), ref, rtol=0, atol=1e-3)
+
+
+def test_running_statistics_are_not_replaced():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, track_running_stats=True))
+    assert isinstance(instance_norms_as_group_norms(net)[1], torch.nn.InstanceNorm3d)
+
+
+def test_prepared_network_layout_precision_and_output():
+    from medseg.config import ModelConfig
+    from medseg.nets.registry import build_network
+
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(filters=[4, 8, 16, 32, 64]), 1, 3).eval()
+    x = torch.randn((2, 1, 32, 32, 16), generator=torch.Generator().manual_seed(2))
+    cpu = torch.device("cpu")
+    exact = prepare_network(net, cpu, None)
+    fast = prepare_network(net, cpu, torch.bfloat16)
+    assert not exact.channels_last and fast.channels_last  # bf16 on the CPU runs channels-last
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())  # the model is left as it was
+    with torch.no_grad():
+        ref = net(x)
+    out32, out16 = exact(x), fast(x)
+    assert out32.dtype == out16.dtype == torch.float32 and out16.is_contiguous()
+    assert torch.equal(out32, ref)  # fp32 is the network's own float32 path
+    assert torch.allclose(out16, ref, atol=0.1) and not torch.equal(out16, ref)  # bf16 really ran
+    assert (out16.argmax(1) == ref.argmax(1)).float().mean() > 0.98

@@ -14,13 +14,41 @@ README's speed section for the numbers and commands): what is not listed as the 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 
 def default_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
-    """Whether windows run channels-last (NDHWC) by default on ``device`` in ``dtype`` (module docstring)."""
-    return False
+    """Whether windows run channels-last (NDHWC) by default on ``device`` in ``dtype`` (module docstring):
+    bf16 on the CPU. float32 stays on the reference path (NCDHW, ``InstanceNorm3d``) so that ``fp32`` gives the
+    trained network's exact float32 numbers; CUDA is not measured here and keeps cuDNN's default layout."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def instance_norms_as_group_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``InstanceNorm3d`` layers are ``GroupNorm`` with one group per channel.
+
+    Instance normalisation (Ulyanov et al. 2016) normalises each channel of each sample over its spatial
+    positions, then applies the per-channel affine; ``GroupNorm(C, C)`` (Wu & He 2018, Eq. 1 with ``G = C``) is
+    the same function — so the copy computes what the network computes, with the same weights. Only
+    layers that normalise with the instance's own statistics are replaced (``track_running_stats=False``,
+    the default): with running statistics an eval-mode instance norm is a different function. Why: PyTorch's
+    CPU ``instance_norm`` makes a channels-last input contiguous and returns NCDHW (two copies per layer and
+    the next convolution reorders again), while ``group_norm`` has a channels-last kernel that keeps the
+    layout — measured 85 ms vs 30 ms per layer at 2×16×96×96×64 bf16 on one core.
+    """
+    net = copy.deepcopy(model)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
+                c = child.num_features
+                norm = nn.GroupNorm(c, c, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    norm.weight, norm.bias = child.weight, child.bias
+                setattr(parent, name, norm)
+    return net
 
 
 class WindowNetwork(nn.Module):
@@ -58,11 +86,12 @@ def prepare_network(
 ) -> WindowNetwork:
     """``model`` (eval mode, moved to ``device``) wrapped for the sliding window (module docstring).
 
-    ``channels_last=None`` takes :func:`default_channels_last`. The weights are converted in place (memory
-    layout only: the values are unchanged), so the model keeps working as before for other callers.
+    ``channels_last=None`` takes :func:`default_channels_last`. Channels-last runs a copy of the network
+    (:func:`instance_norms_as_group_norms`) in that layout; ``model`` itself is not changed.
     """
     model = model.to(device).eval()
     if channels_last is None:
         channels_last = default_channels_last(device, dtype)
-    model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    if channels_last:
+        model = instance_norms_as_group_norms(model).to(memory_format=torch.channels_last_3d)
     return WindowNetwork(model, dtype, channels_last)
