@@ -143,6 +143,29 @@ def _network_lines(args, ckpt: Path, classes: int) -> tuple[list[str], dict]:
     return lines, result
 
 
+def setup(work: Path, args: argparse.Namespace) -> dict:
+    """In a child process (so that this one stays small and the children's peak RSS is their own): build the CT,
+    write the checkpoint, measure GEMM peaks and networks; returns the numbers (``setup.json``)."""
+    if args.setup:
+        shape = QUICK_SHAPE if args.quick else SHAPE
+        ct = work / f"ct_{'x'.join(map(str, shape))}.nii.gz"
+        if not ct.is_file():
+            build_ct(REAL_CT, ct, shape)
+        from medseg.engine.speed import random_checkpoint
+
+        ckpt = random_checkpoint(work / "bench.pt", args.classes)
+        lines, numbers = _network_lines(args, ckpt, args.classes)
+        numbers.update(ct=str(ct), checkpoint=str(ckpt), lines=lines)
+        (work / "setup.json").write_text(json.dumps(numbers, indent=1))
+        return numbers
+    cmd = [sys.executable, "-m", "pipelines.bench_vs_monai", "--setup", "--keep", str(work)]
+    cmd += ["--threads", str(args.threads), "--classes", str(args.classes), "--precision", args.precision]
+    cmd += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    run_child(cmd, env, work / "setup.log")
+    return json.loads((work / "setup.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="alternating runs of each contestant")
@@ -155,14 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="256×256×64 CT, one run each: a smoke check")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep the files")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    parser.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)  # the setup child
     args = parser.parse_args(argv)
     args.patch = PATCH
     if args.quick:
         args.runs, args.repeats = 1, 1
     if not REAL_CT.is_file():
         raise SystemExit(f"{REAL_CT}: not found (the real CT lives beside the project, see ../shared/data)")
-
-    from medseg.engine.speed import random_checkpoint
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="medseg_vs_monai_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,19 +194,19 @@ def main(argv: list[str] | None = None) -> None:
         [medseg] if medseg and "PYTHONPATH" not in os.environ else [sys.executable, "-m", "pipelines.cli"]
     )
     try:
+        if args.setup:
+            setup(work, args)
+            return
         shape = QUICK_SHAPE if args.quick else SHAPE
-        ct = work / f"ct_{'x'.join(map(str, shape))}.nii.gz"
-        if not ct.is_file():
-            build_ct(REAL_CT, ct, shape)
-        ckpt = random_checkpoint(work / "bench.pt", args.classes)
+        numbers = setup(work, args)
+        ct, ckpt = Path(numbers["ct"]), Path(numbers["checkpoint"])
         print(
             f"CT: {ct.name}: {REAL_CT.name} resampled to {SPACING[0]}×{SPACING[1]}×{SPACING[2]} mm and padded "
             f"with air to {shape[0]}×{shape[1]}×{shape[2]} (int16, LPS); model: Attention U-Net 16..256, "
             f"{args.classes} classes, random weights, patch {PATCH}, overlap 0.5, window batch 2, Gaussian",
             flush=True,
         )
-        lines, numbers = _network_lines(args, ckpt, args.classes)
-        print("\n".join(lines), flush=True)
+        print("\n".join(numbers.pop("lines")), flush=True)
 
         times: dict[str, list[float]] = {"medseg": [], "monai": []}
         peaks: dict[str, list[float]] = {"medseg": [], "monai": []}
@@ -261,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
             args.json.write_text(json.dumps(numbers, indent=1, default=str))
     finally:
-        if args.keep is None:
+        if args.keep is None and not args.setup:
             shutil.rmtree(work, ignore_errors=True)
 
 

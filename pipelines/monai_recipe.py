@@ -6,8 +6,8 @@ MONAI's own ``AttentionUnet`` with the default medseg channels (16..256, strides
 usual dictionary transforms (load, channel first, orient, resample to the 1.5 mm plan, body crop, CT window),
 ``sliding_window_inference`` (96×96×64 windows, batch 2, overlap 0.5, Gaussian), argmax, ``Invertd`` back to the
 scan's grid (nearest neighbour on the label map: cheaper than inverting the probabilities) and ``SaveImaged``.
-The body crop and the window are medseg's defaults (HU > -500, margin 2; -175..250 HU → 0..1), so both sides
-see the same model grid. Prints one ``RECIPE`` line of JSON with the stage times.
+The body crop and the window are medseg's defaults (HU > -500, margin 2 within the image; -175..250 HU → 0..1),
+so both sides see the same model grid and windows. Prints one ``RECIPE`` line of JSON with the stage times.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
             mt.EnsureChannelFirstd("image"),
             mt.Orientationd("image", axcodes="RAS"),
             mt.Spacingd("image", pixdim=(1.5, 1.5, 1.5), mode="bilinear"),
-            mt.CropForegroundd("image", source_key="image", select_fn=lambda x: x > -500, margin=2),
+            mt.CropForegroundd(
+                "image", source_key="image", select_fn=lambda x: x > -500, margin=2, allow_smaller=True
+            ),
             mt.ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
         ]
     )

@@ -5,8 +5,9 @@ batch of float32 windows and returns float32 logits — what the network compute
 
 * **precision**: ``torch.autocast`` to ``dtype`` on the windows' device (bf16 on the CPU and CUDA, fp16 on
   CUDA), or float32 (``dtype=None``). Weights stay float32; autocast casts them once per sliding window.
-* **memory layout**: ``channels_last_3d`` (NDHWC) where it pays — the default, :func:`default_channels_last`,
-  says where, from measurements of ``python -m pipelines.bench_vs_monai --levers`` (module table below).
+* **output head** in float32 in a lower precision (:class:`Float32Head`);
+* **memory layout**: ``channels_last_3d`` (NDHWC) where it pays — :func:`default_channels_last` says where —
+  with instance norms as the equal group norms (:func:`instance_norms_as_group_norms`).
 
 Measured levers (2-core AVX-512-bf16 CPU, the default Attention U-Net 16..256, 2 windows of 96×96×64, see the
 README's speed section for the numbers and commands): what is not listed as the default did not win.
@@ -51,6 +52,24 @@ def instance_norms_as_group_norms(model: nn.Module) -> nn.Module:
     return net
 
 
+class Float32Head(nn.Module):
+    """The network's output head run in float32 (autocast off), on features cast up from the lower precision.
+
+    Under autocast the 1×1×1 head would compute the logits in bf16 and round them to bf16 (8 bits of
+    mantissa: ±0.03 at a logit of 10), which flips labels where two classes are close; in float32 it costs
+    0.2 % of the network's FLOPs and halves the voxels that differ from float32 on the demo's held-out
+    phantoms (``python -m pipelines.bench_precision``).
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())
+
+
 class WindowNetwork(nn.Module):
     """``model`` run on windows in ``dtype`` autocast (None: float32), channels-last or not; float32 out.
 
@@ -86,12 +105,17 @@ def prepare_network(
 ) -> WindowNetwork:
     """``model`` (eval mode, moved to ``device``) wrapped for the sliding window (module docstring).
 
-    ``channels_last=None`` takes :func:`default_channels_last`. Channels-last runs a copy of the network
-    (:func:`instance_norms_as_group_norms`) in that layout; ``model`` itself is not changed.
+    ``channels_last=None`` takes :func:`default_channels_last`. In a lower precision a copy of the network runs,
+    its output head in float32 (:class:`Float32Head`, for a network with a ``head``) and, channels-last, its
+    instance norms as group norms (:func:`instance_norms_as_group_norms`); ``model`` itself is not changed.
     """
     model = model.to(device).eval()
     if channels_last is None:
         channels_last = default_channels_last(device, dtype)
+    if dtype is not None:
+        model = instance_norms_as_group_norms(model) if channels_last else copy.deepcopy(model)
+        if isinstance(getattr(model, "head", None), nn.Module):
+            model.head = Float32Head(model.head)
     if channels_last:
-        model = instance_norms_as_group_norms(model).to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=torch.channels_last_3d)
     return WindowNetwork(model, dtype, channels_last)
