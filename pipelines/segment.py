@@ -48,7 +48,11 @@ def segment_command(
     sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation.")] = False,
     precision: Annotated[
-        str, typer.Option(help="auto (fp32 on CPU, the checkpoint's AMP on CUDA) | fp32 | bf16 (autocast).")
+        str,
+        typer.Option(
+            help="auto (bf16 where the CPU or GPU computes it natively, else fp32 on CPU / fp16 on GPU) | "
+            "fp32 (exact) | bf16 | fp16 (CUDA).",
+        ),
     ] = "auto",
     postprocess: Annotated[
         str, typer.Option(help="auto (the checkpoint's per-label component rules) | none.")
@@ -98,6 +102,22 @@ def segment_command(
             "--overwrite", help="Redo cases whose mask and sidecar are complete from an earlier run."
         ),
     ] = False,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1,
+            help="1: read and preprocess the next case and write the last one while the network runs; "
+            "0: one case at a time.",
+        ),
+    ] = 1,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Per case a line of seconds: read, preprocess, network, restore, postprocess, write.",
+        ),
+    ] = False,
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar.
 
@@ -131,6 +151,8 @@ def segment_command(
             uncertainty=uncertainty,
             part=resolve_part(num_parts, part_id),
             progress=sys.stderr.isatty(),
+            prefetch=prefetch,
+            profile=profile,
         )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)

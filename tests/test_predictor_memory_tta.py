@@ -343,16 +343,18 @@ def test_predict_accepts_an_image_already_read(case, single):
         predictor.predict(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)))
 
 
-def test_bf16_agrees_with_fp32(tiny_run, case, single):
-    _, fp32 = single
+def test_bf16_agrees_with_fp32(tiny_run, case):
+    fp32 = Predictor(tiny_run / "best.pt", device="cpu", precision="fp32", postprocess="none").predict(case)
     bf16 = Predictor(tiny_run / "best.pt", device="cpu", precision="bf16", postprocess="none").predict(case)
     assert bf16.info["precision"] == "bf16" and fp32.info["precision"] == "fp32"
     for v in range(1, 7):
         a, b = fp32.labels == v, bf16.labels == v
         if a.any() or b.any():
             assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, v
-    with pytest.raises(ValueError, match="valid: fp32, bf16"):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
         Predictor(tiny_run / "best.pt", device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="valid: auto, fp32, bf16, fp16"):
+        Predictor(tiny_run / "best.pt", device="cpu", precision="fp8")
 
 
 def test_info_reports_stages(single):

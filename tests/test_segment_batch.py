@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medseg.data.dicom_series import write_ct_series
@@ -31,6 +32,7 @@ from medseg.export.statistics import organ_statistics
 from medseg.inference.batch import read_sidecar, statistics_path
 from medseg.inference.inputs import discover_cases, extract_zip, resolve_checkpoints
 from medseg.inference.manifest import Manifest, read_manifest
+from medseg.inference.predictor import autocast_dtype
 from medseg.inference.sharding import ShardingError, resolve_part
 from medseg.io import InputError, save_like
 from medseg.io.atomic import temp_prefix
@@ -227,9 +229,10 @@ def test_zip_of_a_mixed_folder_with_an_ensemble(tiny_dataset, tiny_run, tmp_path
     again = _segment("-i", archive, "-o", out, "-m", models[0], "--postprocess", "none")
     assert "2 written, 1 failed, 0 skipped" in again.stdout, again.output
     side = read_sidecar(out / "Z_20240101_1.nii.gz")
+    default = autocast_dtype("auto", torch.device("cpu"))[1]  # bf16 on a CPU with native bf16, else fp32
     assert side["checkpoint_sha256"] == [_sha256(models[0])] and (side["tta"], side["precision"]) == (
         False,
-        "fp32",
+        default,
     )
 
 
@@ -409,7 +412,8 @@ def test_cli_refuses_bad_options_in_one_line(tiny_run, tmp_path):
     for extra, cause in [
         (["--num-parts", "2"], "--num-parts and --part-id go together"),
         (["--num-parts", "2", "--part-id", "2"], "part 2 is outside 0..1"),
-        (["--precision", "fp16"], "--precision 'fp16' is not valid; valid values: auto, fp32, bf16"),
+        (["--precision", "fp8"], "--precision 'fp8' is not valid; valid values: auto, fp32, bf16, fp16"),
+        (["--precision", "fp16", "--device", "cpu"], "precision 'fp16' needs a CUDA device"),
         (["--postprocess", "largest"], "--postprocess 'largest' is not valid; valid values: auto, none"),
     ]:
         result = _segment("-i", tmp_path, "-o", tmp_path / "out", "-m", model, *extra)

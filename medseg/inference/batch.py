@@ -50,76 +50,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from medseg.export.qa import image_info
-from medseg.export.statistics import organ_statistics
-from medseg.inference.exports import (
-    parse_output_types,
-    preview_paths,
-    uncertainty_path,
-    write_attention,
-    write_case_exports,
-    write_folder_exports,
-    write_previews,
-    write_uncertainty,
-)
+from medseg.inference.batch_cases import BatchRun, SegmentReport
+from medseg.inference.ensemble import check_single_channel
+from medseg.inference.exports import parse_output_types, write_folder_exports
 from medseg.inference.inputs import (
     CaseSource,
-    case_stamp,
     opened_cases,
     remove_stale_extractions,
     resolve_checkpoints,
 )
 from medseg.inference.inputs import source_stamp as source_stamp
 from medseg.inference.manifest import MANIFEST_NAME, Manifest
-from medseg.inference.outputs import (
-    dicom_block,
-    is_complete,
-    output_path_for,
-    read_sidecar,
-    sidecar_path,
-    statistics_path,
-    write_statistics_table,
-)
-from medseg.inference.predictor import (
-    POSTPROCESS_MODES,
-    PRECISIONS,
-    Prediction,
-    Predictor,
-    check_single_channel,
-)
+from medseg.inference.outputs import is_complete as is_complete
+from medseg.inference.outputs import output_path_for, write_statistics_table
+from medseg.inference.outputs import read_sidecar as read_sidecar
+from medseg.inference.outputs import sidecar_path as sidecar_path
+from medseg.inference.outputs import statistics_path as statistics_path
+from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Predictor
 from medseg.inference.sharding import Part
-from medseg.io import InputError, atomic_write_text, is_nifti, load_volume, save_like
+from medseg.io import InputError, is_nifti
 from medseg.io.atomic import remove_stale_temps
-from medseg.io.cases import check_case_file
-from medseg.io.dicom import read_series
-
-
-@dataclass
-class SegmentReport:
-    """What a batch did: masks written, masks skipped as complete, failures (source → one-line reason
-    naming the file), DICOM series skipped by policy (source → reason), warnings (source → one-line notes,
-    also kept in the sidecar), the stale temporary files removed from the output folder at the start, the
-    part run and the statistics table written."""
-
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    skipped_modality: dict[str, str] = field(default_factory=dict)
-    warnings: dict[str, list[str]] = field(default_factory=dict)
-    removed_temps: list[Path] = field(default_factory=list)
-    part: Part = field(default_factory=Part)
-    statistics_csv: Path | None = None
-    review_page: Path | None = None
 
 
 def _jsonable(mode: str | Mapping) -> str | dict:
@@ -177,199 +131,6 @@ def _refuse_clashes(cases: list[CaseSource], output: Path, single: bool, statist
             )
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else ""
-
-
-class _Batch:
-    """The state of one run: predictor, identity, outputs, report, manifest; :meth:`run` does the cases."""
-
-    def __init__(
-        self,
-        predictor: Predictor,
-        checkpoints: list[Path],
-        identity: dict,
-        output: Path,
-        single: bool,
-        folder: Path,
-        statistics: bool,
-        overwrite: bool,
-        log: Callable[[str], object],
-        preview: bool = False,
-        attention: bool = False,
-        exports: tuple[tuple[str, ...], bool] = (("nifti",), False),
-    ) -> None:
-        self.predictor, self.checkpoints, self.identity = predictor, checkpoints, identity
-        self.output, self.single, self.folder = output, single, folder
-        self.statistics, self.overwrite, self.log = statistics, overwrite, log
-        self.preview, self.attention = preview, attention
-        self.output_types, self.split = exports
-        self.report = SegmentReport()
-        self.manifest: Manifest | None = None
-
-    def run(self, cases: list[CaseSource], progress: bool) -> None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cases), unit="case", file=sys.stderr, disable=not progress, leave=False)
-        say = self.log
-        if progress:  # progress lines on stdout, bar on stderr: clear the bar while a line is printed
-
-            def say(text: str) -> None:
-                with tqdm.external_write_mode(file=sys.stdout):
-                    self.log(text)
-
-        with bar:
-            for i, case in enumerate(cases, 1):
-                t0 = time.monotonic()
-                status, error, line = self._case(case)
-                seconds = time.monotonic() - t0
-                say(f"[{i}/{len(cases)}] {line}")
-                if self.manifest is not None:
-                    self.manifest.append(case.name, case.source, case.kind, status, seconds, error)
-                bar.update()
-
-    def _case(self, case: CaseSource) -> tuple[str, str | None, str]:
-        """Do one case; return (manifest status, error, progress text)."""
-        report, dst = self.report, output_path_for(case, self.output, self.single)
-        if case.skipped:
-            where = case.shown(case.series.where)
-            report.skipped_modality[case.source] = case.skipped
-            report.warnings.setdefault(case.source, []).append(f"{where}: skipped: {case.skipped}")
-            return "skipped-modality", None, f"{case.label}: skipped ({case.skipped})"
-        t0 = time.monotonic()
-        try:
-            if case.error:
-                raise InputError(case.error)
-            if case.kind == "nifti":
-                check_case_file(case.path)
-            identity = {self._source_key(case): case_stamp(case), **self.identity}
-            if not self.overwrite and is_complete(dst, identity):
-                note = self._complete_statistics(case, dst) + self._complete_previews(case, dst)
-                report.skipped.append(dst)
-                if warnings := list((read_sidecar(dst) or {}).get("warnings", [])):
-                    report.warnings[case.source] = warnings
-                return "skipped", None, f"{case.label}: done, skipped (complete from an earlier run){note}"
-            pred, warnings, extra = self._predict(case)
-            sidecar = {
-                "case": case.name,
-                "labels": pred.label_names,
-                "source": case.source,
-                "kind": case.kind,
-                "checkpoints": [str(c) for c in self.checkpoints],
-                "shape": list(pred.labels.shape),
-                "warnings": warnings,
-                **identity,
-                "inference": pred.info,
-                "mean_entropy": pred.info.get("mean_entropy", {}),
-                "image_info": image_info(pred.reference).to_dict(),
-                **extra,
-            }
-            self._write_case(case, dst, sidecar, pred)
-        except InputError as exc:
-            return self._failed(case, case.shown(str(exc)))
-        except Exception as exc:  # keep the batch going; name the file and the cause
-            return self._failed(case, case.shown(f"{case.source}: {type(exc).__name__}: {_first_line(exc)}"))
-        if warnings:
-            report.warnings[case.source] = warnings
-        report.written.append(dst)
-        what = (
-            case.label if case.kind == "nifti" else f"{case.label} (DICOM, {len(case.series.files)} slices)"
-        )
-        return "written", None, f"{what} → {dst} ({time.monotonic() - t0:.1f} s)"
-
-    def _failed(self, case: CaseSource, reason: str) -> tuple[str, str, str]:
-        self.report.failed[case.source] = reason
-        return "failed", reason, f"{case.label}: failed"
-
-    @staticmethod
-    def _source_key(case: CaseSource) -> str:
-        return "source_file" if case.kind == "nifti" else "source_series"
-
-    def _predict(self, case: CaseSource) -> tuple[Prediction, list[str], dict]:
-        """Read and segment one case; returns the prediction, its warnings and the sidecar's extra keys."""
-        if case.kind == "nifti":
-            pred = self.predictor.predict(case.path)
-            return pred, [case.shown(str(w)) for w in pred.warnings], {}
-        volume = read_series(case.series)
-        pred = self.predictor.predict(volume.image)
-        where = case.shown(case.series.where)
-        notes = [f"{where}: {case.shown(n)}" for n in case.series.notes]
-        return (
-            pred,
-            notes + [f"{where}: {w}" for w in pred.warnings],
-            {"dicom": dicom_block(case)},
-        )
-
-    def _write_case(self, case: CaseSource, dst: Path, sidecar: dict, pred: Prediction) -> None:
-        """Old mask and statistics out, sidecar in, statistics in, new mask in (module docstring)."""
-        dst.unlink(missing_ok=True)
-        statistics_path(dst).unlink(missing_ok=True)
-        if self.output_types != ("nifti",) or self.split:  # viewer files first: a failed SEG fails the case
-            sidecar["exports"], notes = write_case_exports(
-                case,
-                dst,
-                pred,
-                self.output_types,
-                self.split,
-                self.checkpoints[0],
-                self.identity["checkpoint_sha256"][0],
-            )
-            sidecar["warnings"].extend(case.shown(n) for n in notes)
-        atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
-        if self.statistics:
-            image = np.asanyarray(pred.reference.dataobj)
-            self._write_statistics(case, dst, pred.labels, image, pred.reference.affine, pred.label_names)
-        for old in (*preview_paths(dst), uncertainty_path(dst)):
-            old.unlink(missing_ok=True)
-        save_like(pred.labels, pred.reference, dst)
-        if pred.uncertainty is not None:
-            write_uncertainty(dst, pred)
-        if self.preview:
-            write_previews(dst, pred.reference, pred.labels, pred.label_names)
-        if self.attention:
-            sidecar["warnings"].extend(write_attention(dst, self.predictor, pred))
-
-    def _complete_previews(self, case: CaseSource, dst: Path) -> str:
-        """Previews for a complete case that has none yet (from its mask and scan, no inference)."""
-        if not self.preview or all(p.is_file() for p in preview_paths(dst)):
-            return ""
-        import nibabel as nib
-
-        labels = np.asarray(nib.load(dst).dataobj)
-        scan = load_volume(case.path) if case.kind == "nifti" else read_series(case.series).image
-        names = (read_sidecar(dst) or {}).get("labels") or self.predictor.label_names
-        write_previews(dst, scan, labels, names)
-        return "; preview added"
-
-    def _write_statistics(
-        self,
-        case: CaseSource,
-        dst: Path,
-        labels: np.ndarray,
-        image: np.ndarray,
-        affine: np.ndarray,
-        label_names: Mapping[str, int],
-    ) -> None:
-        rows = organ_statistics(labels, image, affine, label_names, case.name)
-        doc = {"case": case.name, "source": case.source, "rows": rows}
-        atomic_write_text(statistics_path(dst), json.dumps(doc, indent=1, default=str))
-
-    def _complete_statistics(self, case: CaseSource, dst: Path) -> str:
-        """Statistics for a complete case that has none yet (from its mask and scan, no inference)."""
-        if not self.statistics or statistics_path(dst).is_file():
-            return ""
-        import nibabel as nib
-
-        mask = nib.load(dst)
-        labels = np.asarray(mask.dataobj)
-        scan = load_volume(case.path) if case.kind == "nifti" else read_series(case.series).image
-        if scan.shape[:3] != labels.shape or not np.allclose(scan.affine, mask.affine, atol=1e-5):
-            raise InputError(f"{dst}: mask does not match its scan {case.source}; rerun with --overwrite")
-        names = (read_sidecar(dst) or {}).get("labels") or self.predictor.label_names
-        self._write_statistics(case, dst, labels, np.asanyarray(scan.dataobj), scan.affine, names)
-        return "; statistics added"
-
-
 def segment_inputs(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -391,6 +152,8 @@ def segment_inputs(
     output_types: str = "nifti",
     split: bool = False,
     uncertainty: bool = False,
+    prefetch: int = 1,
+    profile: bool = False,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -415,6 +178,10 @@ def segment_inputs(
             (:func:`medseg.inference.attention.attention_maps`) as float NIfTI, and their overlays (PNG).
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
         progress: show a progress bar over the cases on stderr.
+        prefetch: 1 — read and preprocess the next case and write the last one while the network works on
+            the current one (:mod:`medseg.inference.lanes`); 0 — one case at a time.
+        profile: log one line per case with the seconds of each stage (read, preprocess, network, restore,
+            postprocess, write); they are in the sidecar's ``inference.seconds`` either way.
 
     Raises:
         InputError: problems of the whole run, not of one case: the input does not exist or holds no case,
@@ -438,9 +205,7 @@ def segment_inputs(
         overlap=overlap,
         sw_batch_size=sw_batch_size,
         tta=tta,
-        precision=None
-        if precision == "auto"
-        else precision,  # auto: fp32 on CPU, the checkpoint's AMP on CUDA
+        precision=precision,  # auto: bf16 where native (medseg.inference.predictor.autocast_dtype)
         postprocess=postprocess,
         uncertainty=uncertainty,
     )
@@ -455,19 +220,20 @@ def segment_inputs(
         "split": split,
         "uncertainty": bool(uncertainty),
     }
-    batch = _Batch(
+    batch = BatchRun(
         predictor,
         checkpoints,
         identity,
         output,
         single,
-        folder,
         statistics,
         overwrite,
         log,
         preview,
         attention,
         (types, split),
+        prefetch,
+        profile,
     )
     report = batch.report
     report.part = part

@@ -69,3 +69,31 @@ def check_ensemble(checkpoints: list[tuple[str | os.PathLike, Mapping[str, Any]]
                 f"{first_path} and {path} cannot be averaged: {why}; an ensemble needs the same labels and "
                 "preprocessing plan"
             )
+
+
+def check_single_channel(
+    plan: Mapping[str, Any], checkpoint: str | os.PathLike, source: object = None
+) -> None:
+    """Refuse, in one line, to segment one scan with a model trained on several input channels.
+
+    A model trained on an nnU-Net dataset with ``k`` channels (``_0000`` … files per case) needs ``k``
+    co-registered images per case; ``medseg segment`` reads one image per case, so it segments single-channel
+    models only.
+
+    Raises:
+        InputError: naming the input (when given), the checkpoint and its channels.
+    """
+    k = int(plan.get("in_channels", 1))
+    if k == 1:
+        return
+    names = ", ".join(plan.get("channel_names") or [str(c) for c in range(k)])
+    if isinstance(source, str | os.PathLike):
+        where = f"{source}: "
+    elif source is not None:
+        where = f"{source.get_filename() or 'image'}: " if hasattr(source, "get_filename") else "image: "
+    else:
+        where = ""
+    raise InputError(
+        f"{where}{checkpoint} was trained on {k} input channels ({names}), one image file per channel; "
+        "medseg segment reads one image per case and segments single-channel models only"
+    )

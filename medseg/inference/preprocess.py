@@ -8,14 +8,20 @@ gives the same image with the same transforms, differently scheduled:
 
 1. the scan's voxels enter as they are stored when float32 holds them exactly (int8, uint8, int16, float32:
    no float32 copy of the scan; other types are converted to float32, as before);
-2. ``Orientationd`` runs eagerly (an axis flip/permutation: one copy in the scan's own type);
-3. ``Spacingd`` runs *lazily* (``lazy=True``) to obtain the model grid it would produce (affine and shape, by its
-   own rules), then its own resampler (``spacing_transform.sp_resample``, with the transform's mode, padding,
-   align_corners and dtype) fills that grid one slab at a time from the matching crop of the oriented scan
-   (:mod:`medseg.inference.slabs`) into one float32 buffer;
-4. the rest of the chain (body crop, intensity, type) runs eagerly on the model-grid image.
+2. ``Orientationd`` and ``Spacingd`` run *lazily* (``lazy=True``) to obtain the grids they would produce (affine
+   and shape, by their own rules) without moving a voxel; the oriented scan is then a numpy view of the scan
+   (:func:`oriented_view`: transposes and flips, no copy);
+3. when the next step is the body crop (``CropForegroundd`` with :func:`medseg.transforms.presets.body_mask`),
+   only the part of the model grid that can hold the crop's box is resampled (:func:`_crop_box`: the scan's
+   body box mapped onto the model grid, widened by the interpolation's reach and the crop's margin): the body
+   is cropped *before* resampling, not after — for a 512×512×300 CT whose body fills a quarter of the field of
+   view that is a fifth of the voxels. ``Spacingd``'s own resampler (``spacing_transform.sp_resample``, with the
+   transform's mode, padding, align_corners and dtype) fills that grid one slab at a time from the matching
+   crop of the oriented scan (:mod:`medseg.inference.slabs`) into one float32 buffer;
+4. the rest of the chain (body crop, intensity, type) runs eagerly on the model-grid image; the crop finds the
+   same box as on the whole grid, since no voxel outside the resampled part is above the threshold.
 
-Peak memory of this stage is about ``2 B`` (the oriented int16 copy) per input voxel plus ``3 × 4 B`` per
+Peak memory of this stage is one slab's boolean mask for the body box plus ``3 × 4 B`` per
 model-grid voxel (resampled, cropped, normalised) plus one slab's temporaries, instead of
 ``~8 + 4 + 4`` B per input voxel plus ``~64`` B per model voxel. The values equal the eager chain's up to the
 last float32 bit (round-off in the per-slab index arithmetic); a chain that does not start with
@@ -30,7 +36,8 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from medseg.inference.slabs import SLAB_VOXELS, slabs
+from medseg.inference.slabs import SLAB_VOXELS, slabs, translation
+from medseg.transforms.presets import BODY_HU_THRESHOLD, body_mask
 
 #: Stored voxel types that float32 represents exactly: passed to the chain without a float32 copy.
 EXACT_IN_FLOAT32 = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.float32))
@@ -52,12 +59,90 @@ def scan_tensor(reference: nib.Nifti1Image) -> torch.Tensor:
     return torch.from_numpy(data)[None]
 
 
-def _spacing_in_slabs(spacing: mt.Spacingd, image: MetaTensor, key: str, slab_voxels: int) -> MetaTensor:
-    """What ``spacing({key: image})[key]`` holds, computed slab by slab (module docstring, step 3)."""
-    planned = spacing({key: image}, lazy=True)[key]
-    dst_affine = np.asarray(planned.peek_pending_affine(), dtype=np.float64)
-    dst_shape = tuple(int(s) for s in planned.peek_pending_shape())
-    del planned
+def oriented_view(data: np.ndarray, src_affine: np.ndarray, oriented_affine: np.ndarray) -> np.ndarray:
+    """``data`` seen in the oriented grid's axis order and directions: a numpy view (transposes and flips).
+
+    ``Orientationd`` only permutes and flips axes, so ``inv(src_affine) @ oriented_affine`` is a signed
+    permutation with offsets; the view holds exactly the values of the eager ``Orientationd`` output without
+    copying the scan.
+
+    Raises:
+        ValueError: the two affines are not related by an axis permutation and flips.
+    """
+    xform = np.linalg.solve(np.asarray(src_affine, np.float64), np.asarray(oriented_affine, np.float64))
+    axes = [int(np.argmax(np.abs(xform[:3, k]))) for k in range(3)]
+    rounded = np.rint(xform[:3, :3])
+    if sorted(axes) != [0, 1, 2] or not np.allclose(xform[:3, :3], rounded, atol=1e-6):
+        raise ValueError("the oriented grid is not an axis permutation of the scan's grid")
+    view = np.transpose(data, axes)
+    flips = tuple(k for k in range(3) if rounded[axes[k], k] < 0)
+    return np.flip(view, flips) if flips else view
+
+
+def body_box(data: np.ndarray, threshold: float, slab: int = 16) -> list[tuple[int, int]] | None:
+    """Inclusive index range ``(lo, hi)`` per axis of the voxels above ``threshold``, or None when there are none.
+
+    Computed ``slab`` slices of the last axis at a time (a boolean mask of one slab at a time).
+    """
+    hits = [np.zeros(n, dtype=bool) for n in data.shape]
+    for k0 in range(0, data.shape[2], slab):
+        inside = data[:, :, k0 : k0 + slab] > threshold
+        hits[0] |= inside.any(axis=(1, 2))
+        hits[1] |= inside.any(axis=(0, 2))
+        hits[2][k0 : k0 + slab] = inside.any(axis=(0, 1))
+    if not hits[2].any():
+        return None
+    return [(int(np.argmax(h)), int(len(h) - 1 - np.argmax(h[::-1]))) for h in hits]
+
+
+def _crop_box(
+    crop: mt.Transform | None,
+    oriented: np.ndarray,
+    oriented_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: tuple[int, ...],
+) -> tuple[slice, ...]:
+    """The part of the model grid that can hold the body crop's box (module docstring, step 3); else all of it.
+
+    The crop keeps the model voxels above the body threshold, widened by its margin. A model voxel at oriented
+    coordinate ``c`` interpolates the scan voxels ``floor(c)`` and ``floor(c) + 1`` (the edge voxel beyond
+    the scan, under border padding), so it can be above the threshold only if they reach the scan's body box;
+    the box of such voxels, widened by the crop's margin and two voxels for round-off, is returned.
+    """
+    whole = tuple(slice(0, n) for n in dst_shape)
+    cropper = getattr(crop, "cropper", None)
+    if (
+        not isinstance(crop, mt.CropForegroundd)
+        or cropper.select_fn is not body_mask
+        or cropper.k_divisible not in (1, (1,), (1, 1, 1))
+    ):
+        return whole
+    xform = np.linalg.solve(np.asarray(oriented_affine, np.float64), np.asarray(dst_affine, np.float64))
+    scale, offset = np.diag(xform)[:3], xform[:3, 3]
+    if not np.allclose(xform[:3, :3], np.diag(scale), atol=1e-9) or np.any(scale <= 0):
+        return whole  # not an axis-aligned zoom: resample the whole grid
+    box = body_box(oriented, BODY_HU_THRESHOLD)
+    if box is None:
+        return whole  # no body: the crop is empty either way, as before
+    margins = np.broadcast_to(np.asarray(cropper.margin, dtype=int), (3,))
+    out = []
+    rows = zip(box, oriented.shape, dst_shape, scale, offset, margins, strict=True)
+    for (lo, hi), n_src, n_dst, m, t, margin in rows:
+        first = 0 if lo == 0 else int(np.floor((lo - 1 - t) / m)) - margin - 2
+        last = n_dst - 1 if hi == n_src - 1 else int(np.ceil((hi + 1 - t) / m)) + margin + 2
+        out.append(slice(max(first, 0), min(last, n_dst - 1) + 1))
+    return tuple(out)
+
+
+def _resample_in_slabs(
+    spacing: mt.Spacingd,
+    source: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: tuple[int, ...],
+    slab_voxels: int,
+) -> MetaTensor:
+    """``spacing``'s resampler filling the grid ``(dst_affine, dst_shape)`` from ``source`` (X, Y, Z) slab by slab."""
     resampler = spacing.spacing_transform.sp_resample
     mode, padding, corners, dtype = (
         spacing.mode[0],
@@ -65,13 +150,12 @@ def _spacing_in_slabs(spacing: mt.Spacingd, image: MetaTensor, key: str, slab_vo
         spacing.align_corners[0],
         spacing.dtype[0],
     )
-    src_affine = np.asarray(image.affine, dtype=np.float64)
-    source = image.as_tensor()
-    out = torch.empty((source.shape[0], *dst_shape), dtype=torch.float32)
+    out = torch.empty((1, *dst_shape), dtype=torch.float32)
     for k0, k1, window, window_affine, slab_affine in slabs(
-        src_affine, source.shape[1:], dst_affine, dst_shape, slab_voxels
+        src_affine, source.shape, dst_affine, dst_shape, slab_voxels
     ):
-        crop = MetaTensor(source[(slice(None), *window)], affine=torch.as_tensor(window_affine))
+        values = torch.from_numpy(np.ascontiguousarray(source[window]))[None]
+        crop = MetaTensor(values, affine=torch.as_tensor(window_affine))
         block = resampler(
             crop,
             dst_affine=torch.as_tensor(slab_affine),
@@ -83,7 +167,7 @@ def _spacing_in_slabs(spacing: mt.Spacingd, image: MetaTensor, key: str, slab_vo
             lazy=False,
         )
         out[..., k0:k1] = torch.as_tensor(block)
-        del block, crop
+        del block, crop, values
     return MetaTensor(out, affine=torch.as_tensor(dst_affine))
 
 
@@ -105,8 +189,19 @@ def preprocess(
     if not staged:
         whole = MetaTensor(tensor.float(), affine=affine)
         return mt.Compose(chain)({key: whole})[key]
-    oriented = chain[0]({key: MetaTensor(tensor, affine=affine)})[key]
-    del tensor
-    image = _spacing_in_slabs(chain[1], oriented, key, slab_voxels)
-    del oriented
+    # the grids only (lazy: no voxel moves): oriented scan, then the model grid Spacingd would make of it
+    planned = chain[0]({key: MetaTensor(tensor, affine=affine)}, lazy=True)[key]
+    oriented_affine = np.asarray(planned.peek_pending_affine(), dtype=np.float64)
+    oriented_shape = tuple(int(n) for n in planned.peek_pending_shape())
+    grid = torch.zeros((1,), dtype=tensor.dtype).expand(1, *oriented_shape)  # no memory behind it
+    planned = chain[1]({key: MetaTensor(grid, affine=torch.as_tensor(oriented_affine))}, lazy=True)[key]
+    dst_affine = np.asarray(planned.peek_pending_affine(), dtype=np.float64)
+    dst_shape = tuple(int(n) for n in planned.peek_pending_shape())
+    del planned, grid
+    oriented = oriented_view(tensor[0].numpy(), np.asarray(affine), oriented_affine)
+    box = _crop_box(chain[2] if len(chain) > 2 else None, oriented, oriented_affine, dst_affine, dst_shape)
+    box_affine = dst_affine @ translation([b.start for b in box])
+    box_shape = tuple(b.stop - b.start for b in box)
+    image = _resample_in_slabs(chain[1], oriented, oriented_affine, box_affine, box_shape, slab_voxels)
+    del oriented, tensor
     return mt.Compose(chain[2:])({key: image})[key]

@@ -1,0 +1,126 @@
+"""Measuring inference speed: a random-weights checkpoint, the CPU's GEMM peak, a network's FLOPs and throughput.
+
+The benchmark scripts (``python -m pipelines.bench_segment``, ``python -m pipelines.bench_vs_monai``) use these
+so that every ratio they print is measured in the same run, on the same machine, under the same load:
+
+* :func:`random_checkpoint` — a checkpoint of a registered network with random weights and a hand-made plan
+  (nothing trained: it measures time and memory, not accuracy);
+* :func:`gemm_peak_gflops` — the best of a few ``torch.matmul`` of two large square matrices in a dtype: the
+  practical peak of this CPU (or GPU) for dense work in that precision;
+* :func:`forward_gflop` — FLOPs of one forward pass (``torch.utils.flop_counter``: multiply–add = 2 FLOPs,
+  convolutions and matrix products only);
+* :func:`network_throughput` — seconds per forward of a window batch through the network as the predictor runs
+  it (:func:`medseg.inference.fast.prepare_network`, the same autocast), and the GFLOP/s that gives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+#: Label names of the benchmarks' checkpoints, in index order; ``classes`` takes the first K.
+ORGANS = ("background", "liver", "spleen", "kidney_right", "kidney_left", "aorta", "pancreas", "stomach")
+
+
+def random_checkpoint(
+    path: Path,
+    classes: int,
+    spacing: float = 1.5,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Write a checkpoint of the default network (or ``overrides`` of the default config) with random weights.
+
+    The plan is what :func:`medseg.data.plan.make_plan` would write for ``spacing`` mm isotropic voxels, the
+    config's CT window, body crop, the config's patch; ``classes`` labels from :data:`ORGANS` (then
+    ``organ_<i>``). Returns the path written.
+    """
+    from medseg.config import config_to_dict, load_config
+    from medseg.io.checkpoint import save_checkpoint
+    from medseg.nets.registry import build_network
+
+    names = list(ORGANS[:classes]) + [f"organ_{i}" for i in range(len(ORGANS), classes)]
+    labels = {name: i for i, name in enumerate(names)}
+    cfg = load_config(None, [f"preprocess.spacing=[{spacing}, {spacing}, {spacing}]", *overrides])
+    torch.manual_seed(seed)
+    model = build_network(cfg.model, 1, classes)
+    lo, hi = cfg.preprocess.intensity.window
+    plan = {
+        "orientation": cfg.preprocess.orientation,
+        "spacing": [float(spacing)] * 3,
+        "intensity": {"mode": "window", "a_min": float(lo), "a_max": float(hi)},
+        "crop_foreground": True,
+        "patch_size": [int(p) for p in cfg.augment.patch_size],
+        "labels": labels,
+        "in_channels": 1,
+        "mirror_axes": [],
+    }
+    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "plan": plan, "labels": labels}
+    return save_checkpoint(state, path)
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, oneDNN primitive creation, weight casts
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn((n, n), generator=gen, device=device).to(dtype)
+    b = torch.randn((n, n), generator=gen, device=device).to(dtype)
+
+    def product() -> None:
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / _best_seconds(product, repeats) / 1e9
+
+
+def forward_gflop(model: torch.nn.Module, patch: Sequence[int], in_channels: int = 1) -> float:
+    """GFLOP of one forward pass of ``model`` on one ``patch`` (batch 1), counted, not timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    x = torch.zeros((1, in_channels, *patch), device=param.device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def network_throughput(
+    model: torch.nn.Module,
+    patch: Sequence[int],
+    batch: int,
+    precision: torch.dtype | None,
+    repeats: int = 3,
+    in_channels: int = 1,
+) -> dict[str, float]:
+    """``{"seconds", "gflop", "gflops"}``: the fastest of ``repeats`` forwards of ``batch`` windows of ``patch``.
+
+    The network runs as the predictor runs it (:func:`medseg.inference.fast.prepare_network` for the device
+    and ``precision``, the autocast dtype or None for float32); ``gflop`` is the whole batch's count.
+    """
+    from medseg.inference.fast import prepare_network
+
+    device = next(model.parameters()).device
+    gflop = forward_gflop(model, patch, in_channels) * batch
+    net = prepare_network(model, device, precision)
+    x = torch.randn((batch, in_channels, *patch), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def forward() -> None:
+        net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = _best_seconds(forward, repeats)
+    return {"seconds": seconds, "gflop": gflop, "gflops": gflop / seconds}

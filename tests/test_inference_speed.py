@@ -1,0 +1,235 @@
+"""The fast inference path computes what the slow one did: body crop before resampling, the separable restore,
+the prepared network (channels-last, bf16), the default precision, the case prefetching and the stage profile.
+
+References are the code each part replaces (MONAI's eager preset, MONAI's resampler, the plain float32 network),
+run on small phantoms; nothing here is timed (timings are ``python -m pipelines.bench_vs_monai``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medseg.data.phantoms import generate_phantom
+from medseg.inference.batch import read_sidecar, segment_inputs
+from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
+from medseg.inference.lanes import run_lanes
+from medseg.inference.manifest import read_manifest
+from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
+from medseg.transforms import infer_transforms
+
+PLAN = {
+    "orientation": "RAS",
+    "spacing": [2.1, 1.7, 3.3],
+    "intensity": {"mode": "window", "a_min": -1100.0, "a_max": 3000.0},
+    "crop_foreground": True,
+    "patch_size": [32, 32, 16],
+}
+
+
+def _padded(orientation: str, pad: tuple[tuple[int, int], ...], seed: int = 5) -> nib.Nifti1Image:
+    """A phantom with air (-1024 HU) around it: the body fills part of the field of view, as in a clinical CT."""
+    ph = generate_phantom(seed, (40, 36, 18), orientation=orientation)
+    data = np.pad(ph.image.astype(np.int16), pad, constant_values=-1024)
+    affine = ph.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.array([p[0] for p in pad], dtype=float)
+    return nib.Nifti1Image(data, affine)
+
+
+def _eager(reference: nib.Nifti1Image) -> MetaTensor:
+    data = torch.from_numpy(np.asarray(reference.dataobj, dtype=np.float32))[None]
+    image = MetaTensor(data, affine=torch.as_tensor(reference.affine, dtype=torch.float64))
+    return infer_transforms(PLAN, load=False)({"image": image})["image"]
+
+
+@pytest.mark.parametrize(
+    "orientation, pad",
+    [
+        ("LPS", ((20, 25), (18, 30), (6, 9))),  # air on every side
+        ("RAS", ((0, 30), (25, 0), (0, 7))),  # body touching three edges (border padding reaches them)
+        ("LPS", ((0, 0), (0, 0), (0, 0))),  # no air at all
+    ],
+)
+def test_body_crop_before_resampling_equals_the_eager_preset(orientation, pad):
+    ref = _padded(orientation, pad)
+    old = _eager(ref)
+    new = preprocess(ref, infer_transforms(PLAN, load=False), slab_voxels=4000)
+    assert new.shape == old.shape
+    assert np.allclose(new.affine.numpy(), old.affine.numpy(), rtol=0, atol=1e-9)
+    assert torch.equal(new.as_tensor(), old.as_tensor())
+
+
+def test_only_the_body_part_of_the_model_grid_is_resampled():
+    ref = _padded("LPS", ((30, 30), (30, 30), (10, 10)))
+    orientation, spacing, crop = list(infer_transforms(PLAN, load=False).transforms)[:3]
+    data = np.asarray(ref.dataobj)
+    scan = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(ref.affine))
+    oriented = orientation({"image": scan})["image"]
+    oriented_affine = oriented.affine.numpy()
+    view = oriented_view(data, ref.affine, oriented_affine)
+    assert np.array_equal(view, oriented[0].numpy())  # the eager Orientationd's values, without a copy
+    assert np.shares_memory(view, data)
+    planned = spacing({"image": oriented}, lazy=True)["image"]
+    dst_affine = np.asarray(planned.peek_pending_affine())
+    dst_shape = tuple(int(n) for n in planned.peek_pending_shape())
+    box = _crop_box(crop, view, oriented_affine, dst_affine, dst_shape)
+    assert np.prod([b.stop - b.start for b in box]) < 0.5 * np.prod(dst_shape)  # the air is not resampled
+    whole = tuple(slice(0, n) for n in dst_shape)
+    assert _crop_box(None, view, oriented_affine, dst_affine, dst_shape) == whole
+    with pytest.raises(ValueError, match="not an axis permutation"):
+        rotated = ref.affine @ np.array([[0.8, -0.6, 0, 0], [0.6, 0.8, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        oriented_view(data, ref.affine, rotated)
+
+
+def test_body_box_by_slabs():
+    data = np.full((9, 8, 40), -1000, dtype=np.int16)
+    assert body_box(data, -500.0, slab=7) is None
+    data[2, 5, 33] = 10
+    data[6, 1, 17] = -499
+    data[4, 4, 20] = -500  # not above the threshold
+    assert body_box(data, -500.0, slab=7) == [(2, 6), (1, 5), (17, 33)]
+
+
+# ---------------------------------------------------------------- lanes: the next case loads while the network runs
+
+
+def _recorded_lanes(prefetch: int, fail_load: int | None = None):
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    started_next = {i: threading.Event() for i in range(6)}
+
+    def note(what, i):
+        with lock:
+            events.append((what, i))
+
+    def load(i):
+        note("load", i)
+        started_next[i].set()
+        if i == fail_load:
+            return "failed"
+        return i * 10
+
+    def compute(i, loaded):
+        note("compute", i)
+        if prefetch and i + 1 < 6:
+            # the next case is being loaded while this one computes: wait for proof (bounded)
+            assert started_next[i + 1].wait(10), f"load {i + 1} did not start during compute {i}"
+        return loaded if loaded == "failed" else loaded + 1
+
+    def write(i, computed):
+        note("write", i)
+        return computed
+
+    results = list(run_lanes(list(range(6)), load, compute, write, prefetch))
+    return results, events
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_lanes_keep_the_order_and_at_most_one_case_ahead(prefetch):
+    results, events = _recorded_lanes(prefetch, fail_load=3)
+    assert results == [(0, 1), (1, 11), (2, 21), (3, "failed"), (4, 41), (5, 51)]  # a failure is one case's
+    for i in range(6):
+        at = events.index(("compute", i))
+        loads_before = {j for what, j in events[:at] if what == "load"}
+        writes_before = {j for what, j in events[:at] if what == "write"}
+        assert loads_before <= set(range(i + 2))  # never two cases ahead
+        assert set(range(i - 1)) <= writes_before or prefetch == 0  # never two cases behind
+        if prefetch == 0:
+            assert loads_before == set(range(i + 1)) and writes_before == set(range(i))
+
+
+def test_lanes_refuse_a_negative_prefetch():
+    with pytest.raises(ValueError, match="prefetch"):
+        list(run_lanes([1], lambda i: i, lambda i, x: x, lambda i, x: x, -1))
+
+
+# ---------------------------------------------------------------- the batch: prefetching changes no output
+
+
+def test_prefetch_changes_no_output_and_profile_prints_stages(tiny_run, tiny_dataset, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i, src in enumerate(sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))):
+        shutil.copyfile(src, inp / f"case_{i}.nii.gz")
+    (inp / "broken.nii.gz").write_bytes(b"not a nifti file")
+    outs = {}
+    for prefetch in (0, 1):
+        outs[prefetch] = tmp_path / f"out{prefetch}"
+        lines: list[str] = []
+        report = segment_inputs(
+            inp, outs[prefetch], tiny_run / "best.pt", device="cpu", log=lines.append,
+            prefetch=prefetch, profile=True,
+        )  # fmt: skip
+        assert len(report.written) == 2 and list(report.failed) == [str(inp / "broken.nii.gz")]
+        profiles = [line for line in lines if line.strip().startswith("profile ")]
+        assert len(profiles) == 2, lines
+        for name in ("read", "preprocess", "network", "restore", "write"):
+            assert f"{name} " in profiles[0]
+        side = read_sidecar(outs[prefetch] / "case_0.nii.gz")
+        assert side["inference"]["seconds"]["write"] >= 0
+    for name in ("case_0.nii.gz", "case_1.nii.gz"):
+        a = np.asarray(nib.load(outs[0] / name).dataobj)
+        b = np.asarray(nib.load(outs[1] / name).dataobj)
+        assert np.array_equal(a, b)
+    statuses = [[e["status"] for e in read_manifest(outs[p] / "manifest.jsonl")] for p in (0, 1)]
+    assert statuses[0] == statuses[1] == ["failed", "written", "written"]
+
+
+# ---------------------------------------------------------------- the prepared network
+
+
+def _nets():
+    from medseg.config import ModelConfig
+    from medseg.nets.registry import build_network
+
+    torch.manual_seed(0)
+    yield "attention_unet", build_network(ModelConfig(filters=[4, 8, 16, 32, 64]), 1, 3).eval()
+    yield (
+        "unet_batch_norm",
+        build_network(ModelConfig(name="unet", norm="batch", filters=[4, 8, 16]), 1, 3).eval(),
+    )
+
+
+@pytest.mark.parametrize("name, net", list(_nets()))
+def test_group_norm_copy_computes_what_the_network_computes(name, net):
+    x = torch.randn((2, 1, 32, 24, 16), generator=torch.Generator().manual_seed(1)) * 3 + 1
+    copy = instance_norms_as_group_norms(net)
+    kinds = {type(m).__name__ for m in copy.modules()}
+    assert "InstanceNorm3d" not in kinds and ("GroupNorm" in kinds) == (name == "attention_unet")
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules()) == (name == "attention_unet")
+    with torch.no_grad():  # the same function: equal to float64 round-off; float32 channels-last to its own
+        assert torch.allclose(copy.double()(x.double()), net.double()(x.double()), rtol=0, atol=1e-10)
+        ref, cl = net.float()(x), copy.float().to(memory_format=torch.channels_last_3d)
+        assert torch.allclose(cl(x.contiguous(memory_format=torch.channels_last_3d)), ref, rtol=0, atol=1e-3)
+
+
+def test_running_statistics_are_not_replaced():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, track_running_stats=True))
+    assert isinstance(instance_norms_as_group_norms(net)[1], torch.nn.InstanceNorm3d)
+
+
+def test_prepared_network_layout_precision_and_output():
+    from medseg.config import ModelConfig
+    from medseg.nets.registry import build_network
+
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(filters=[4, 8, 16, 32, 64]), 1, 3).eval()
+    x = torch.randn((2, 1, 32, 32, 16), generator=torch.Generator().manual_seed(2))
+    cpu = torch.device("cpu")
+    exact = prepare_network(net, cpu, None)
+    fast = prepare_network(net, cpu, torch.bfloat16)
+    assert not exact.channels_last and fast.channels_last  # bf16 on the CPU runs channels-last
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())  # the model is left as it was
+    with torch.no_grad():
+        ref = net(x)
+    out32, out16 = exact(x), fast(x)
+    assert out32.dtype == out16.dtype == torch.float32 and out16.is_contiguous()
+    assert torch.equal(out32, ref)  # fp32 is the network's own float32 path
+    assert torch.allclose(out16, ref, atol=0.1) and not torch.equal(out16, ref)  # bf16 really ran
+    assert (out16.argmax(1) == ref.argmax(1)).float().mean() > 0.98
