@@ -49,26 +49,6 @@ QUICK_SHAPE = (256, 256, 64)
 PATCH = (96, 96, 64)
 
 
-def build_ct(source: Path, out: Path, shape=SHAPE, spacing=SPACING) -> Path:
-    """Resample ``source`` to ``spacing`` (linear, SimpleITK) and pad (or crop) it with air to ``shape``, centred."""
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(source))
-    size = [round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)]
-    image = sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), -1024,
-        sitk.sitkInt16,
-    )  # fmt: skip
-    crop_lo = [max(n - t, 0) // 2 for n, t in zip(size, shape, strict=True)]
-    crop_hi = [max(n - t, 0) - lo for n, t, lo in zip(size, shape, crop_lo, strict=True)]
-    image = sitk.Crop(image, crop_lo, crop_hi)
-    size = image.GetSize()
-    pad_lo = [(t - n) // 2 for n, t in zip(size, shape, strict=True)]
-    pad_hi = [t - n - lo for n, t, lo in zip(size, shape, pad_lo, strict=True)]
-    sitk.WriteImage(sitk.ConstantPad(image, pad_lo, pad_hi, -1024), str(out))
-    return out
-
-
 def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, str]:
     """Run ``cmd``; return (wall seconds, the child's own peak RSS in GB, its output). Exits on failure."""
     t0 = time.perf_counter()
@@ -148,10 +128,11 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
     write the checkpoint, measure GEMM peaks and networks; returns the numbers (``setup.json``)."""
     if args.setup:
         shape = QUICK_SHAPE if args.quick else SHAPE
+        from medseg.engine.speed import clinical_size_ct, random_checkpoint
+
         ct = work / f"ct_{'x'.join(map(str, shape))}.nii.gz"
         if not ct.is_file():
-            build_ct(REAL_CT, ct, shape)
-        from medseg.engine.speed import random_checkpoint
+            clinical_size_ct(REAL_CT, ct, shape, SPACING)
 
         ckpt = random_checkpoint(work / "bench.pt", args.classes)
         lines, numbers = _network_lines(args, ckpt, args.classes)
