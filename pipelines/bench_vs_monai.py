@@ -91,15 +91,23 @@ def _network_lines(args, ckpt: Path, classes: int) -> tuple[list[str], dict]:
     from medseg.io.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    cpu = torch.device("cpu")
-    dtype, name = autocast_dtype(args.precision, cpu)
-    peaks = {"fp32": gemm_peak_gflops(torch.float32), "bf16": gemm_peak_gflops(torch.bfloat16)}
-    ours = model_from_checkpoint(load_checkpoint(ckpt), cpu, ckpt)
+    device = torch.device(args.device)
+    dtype, name = autocast_dtype(args.precision, device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    monai_half = "bf16" if device.type == "cpu" or name != "fp16" else "fp16"
+    peaks = {
+        p: gemm_peak_gflops(half.get(p, torch.float32), device=args.device)
+        for p in {"fp32", name, monai_half}
+    }
+    ours = model_from_checkpoint(load_checkpoint(ckpt), device, ckpt)
     torch.manual_seed(0)
-    theirs = AttentionUnet(3, 1, classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).eval()
+    theirs = (
+        AttentionUnet(3, 1, classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).eval().to(device)
+    )
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     lines = [
-        f"GEMM peak (torch.matmul 2048×2048, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s"
+        f"GEMM peak (torch.matmul 2048×2048, {where}): "
+        + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items())
     ]
     result = {"gemm_peak": peaks, "network": {}}
     patch = args.patch
@@ -109,7 +117,7 @@ def _network_lines(args, ckpt: Path, classes: int) -> tuple[list[str], dict]:
             ours,
             [(None, "fp32"), (dtype, name)] if dtype is not None else [(None, "fp32")],
         ),
-        ("MONAI AttentionUnet", theirs, [(None, "fp32"), (torch.bfloat16, "bf16")]),
+        ("MONAI AttentionUnet", theirs, [(None, "fp32"), (half[monai_half], monai_half)]),
     ):
         gflop = forward_gflop(net, patch)
         for precision, pname in runs:
@@ -141,6 +149,7 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
         return numbers
     cmd = [sys.executable, "-m", "pipelines.bench_vs_monai", "--setup", "--keep", str(work)]
     cmd += ["--threads", str(args.threads), "--classes", str(args.classes), "--precision", args.precision]
+    cmd += ["--device", args.device]
     cmd += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     run_child(cmd, env, work / "setup.log")
@@ -153,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--precision", default="auto", help="medseg's --precision (default: its default)")
-    parser.add_argument("--monai-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--monai-precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda (both contestants; GEMM peak of that device)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per network measurement")
     parser.add_argument("--agreement", type=Path, default=None, help="bench_precision JSON to print")
     parser.add_argument("--quick", action="store_true", help="256×256×64 CT, one run each: a smoke check")
@@ -198,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if who == "medseg":
                     cmd = [*medseg_cmd, "segment", "-i", str(ct), "-o", str(out), "-m", str(ckpt)]
-                    cmd += ["--device", "cpu", "--precision", args.precision, "--profile"]
+                    cmd += ["--device", args.device, "--precision", args.precision, "--profile"]
                 else:
                     cmd = [sys.executable, "-m", "pipelines.monai_recipe", str(ct), str(out)]
                     cmd += ["--classes", str(args.classes), "--threads", str(args.threads)]
-                    cmd += ["--precision", args.monai_precision]
+                    cmd += ["--precision", args.monai_precision, "--device", args.device]
                 wall, peak, output = run_child(cmd, env, work / f"{who}_{run}.log")
                 times[who].append(wall)
                 peaks[who].append(peak)
@@ -213,7 +225,18 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  run {run + 1} {who:<6} {wall:6.1f} s, peak RSS {peak:.2f} GB", flush=True)
         fp32_out = work / "medseg_fp32"
         shutil.rmtree(fp32_out, ignore_errors=True)
-        cmd = [*medseg_cmd, "segment", "-i", str(ct), "-o", str(fp32_out), "-m", str(ckpt), "--device", "cpu"]
+        cmd = [
+            *medseg_cmd,
+            "segment",
+            "-i",
+            str(ct),
+            "-o",
+            str(fp32_out),
+            "-m",
+            str(ckpt),
+            "--device",
+            args.device,
+        ]
         wall32, peak32, _ = run_child([*cmd, "--precision", "fp32"], env, work / "medseg_fp32.log")
         print(f"  medseg --precision fp32 {wall32:6.1f} s, peak RSS {peak32:.2f} GB", flush=True)
 

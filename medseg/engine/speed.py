@@ -102,15 +102,19 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each)."""
+def gemm_peak_gflops(
+    dtype: torch.dtype, n: int | None = None, repeats: int = 5, device: str = "cpu"
+) -> float:
+    """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each);
+    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy)."""
+    n = n or (2048 if torch.device(device).type == "cpu" else 8192)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
     b = torch.randn((n, n), generator=gen, device=device).to(dtype)
 
     def product() -> None:
         torch.matmul(a, b)
-        if device != "cpu":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
     return 2 * n**3 / _best_seconds(product, repeats) / 1e9

@@ -13,7 +13,7 @@ plan), for ``K`` classes:
 
 ===========  ==================================================================================================
 read         the scan as stored, ``s N`` — kept to the end (it is ``Prediction.reference``)
-preprocess   ``s N`` (oriented copy) + ``12 M`` + one slab (:mod:`medseg.inference.preprocess`)
+preprocess   ``12 M`` + one slab (:mod:`medseg.inference.preprocess`: the oriented scan is a view, no copy)
 network      ``4 M`` image + ``4 (K + 1) M`` MONAI stitching, softmax in place (:mod:`medseg.inference.sliding`);
              with mirroring or an ensemble + ``4 K M`` accumulator + ``4 M`` flipped image
              (:mod:`medseg.inference.tta`); + the network's activations for ``sw_batch_size`` windows
