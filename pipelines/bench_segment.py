@@ -1,6 +1,6 @@
 """Benchmark: peak memory and wall time of ``medseg segment`` on a clinical-size CT, in a child process.
 
-    python -m pipelines.bench_segment [--shape 512 512 300] [--classes 7] [--threads 2] [--precision fp32|bf16]
+    python -m pipelines.bench_segment [--shape 512 512 300] [--classes 7] [--threads 2] [--precision auto|fp32|bf16]
                                       [--tta] [--overlap 0.5] [--body-fill] [--keep DIR]
 
 Builds a synthetic abdominal CT of ``--shape`` voxels (int16 HU, LPS, 0.8×0.8×1.5 mm: a body ellipse with fat,
@@ -10,7 +10,7 @@ of the default Attention U-Net (filters 16..256, patch 96×96×64, overlap 0.5, 
 ``medseg.data.plan.make_plan`` would write for 1.5 mm isotropic spacing, the CT window, body crop. Then it runs
 the real command line in a child process,
 
-    medseg segment -i ct.nii.gz -o mask.nii.gz -m bench.pt --device cpu [--precision P] [--tta]
+    medseg segment -i ct.nii.gz -o mask.nii.gz -m bench.pt --device cpu --precision P [--tta]
 
 with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``, and prints the child's peak resident memory
 (``ru_maxrss`` of ``resource.getrusage(RUSAGE_CHILDREN)``: the largest RSS the child reached, i.e. what
@@ -35,8 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-#: Label names of the synthetic CT, in index order (background first); ``--classes`` takes the first K.
-ORGANS = ("background", "liver", "spleen", "kidney_right", "kidney_left", "aorta", "pancreas", "stomach")
 SPACING = (0.8, 0.8, 1.5)
 
 
@@ -100,31 +98,10 @@ def synthetic_ct(
 
 
 def write_checkpoint(path: Path, classes: int, seed: int = 0) -> Path:
-    """A checkpoint of the default Attention U-Net with random weights and a hand-made plan (see module doc)."""
-    import torch
+    """A checkpoint of the default Attention U-Net with random weights (:func:`medseg.engine.speed.random_checkpoint`)."""
+    from medseg.engine.speed import random_checkpoint
 
-    from medseg.config import config_to_dict, load_config
-    from medseg.io.checkpoint import save_checkpoint
-    from medseg.nets.registry import build_network
-
-    names = list(ORGANS[:classes]) + [f"organ_{i}" for i in range(len(ORGANS), classes)]
-    labels = {name: i for i, name in enumerate(names)}
-    cfg = load_config(None, ["preprocess.spacing=[1.5, 1.5, 1.5]"])
-    torch.manual_seed(seed)
-    model = build_network(cfg.model, 1, classes)
-    lo, hi = cfg.preprocess.intensity.window
-    plan = {
-        "orientation": cfg.preprocess.orientation,
-        "spacing": [1.5, 1.5, 1.5],
-        "intensity": {"mode": "window", "a_min": float(lo), "a_max": float(hi)},
-        "crop_foreground": True,
-        "patch_size": [int(p) for p in cfg.augment.patch_size],
-        "labels": labels,
-        "in_channels": 1,
-        "mirror_axes": [],
-    }
-    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "plan": plan, "labels": labels}
-    return save_checkpoint(state, path)
+    return random_checkpoint(path, classes, seed=seed)
 
 
 def _child_env(threads: int) -> dict[str, str]:
@@ -141,9 +118,7 @@ def _medseg_command() -> list[str]:
 def run_cli(ct: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> tuple[float, float, str]:
     """Run ``medseg segment`` in a child; return (peak RSS of the child in GB, wall seconds, its output)."""
     cmd = [*_medseg_command(), "segment", "-i", str(ct), "-o", str(out), "-m", str(ckpt), "--device", "cpu"]
-    cmd += ["--overlap", str(args.overlap)]
-    if args.precision != "fp32":
-        cmd += ["--precision", args.precision]
+    cmd += ["--overlap", str(args.overlap), "--precision", args.precision]
     if args.tta:
         cmd += ["--tta"]
     print("$ " + " ".join(cmd), flush=True)
@@ -205,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--tta", action="store_true", help="test-time mirroring")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument(

@@ -49,26 +49,6 @@ QUICK_SHAPE = (256, 256, 64)
 PATCH = (96, 96, 64)
 
 
-def build_ct(source: Path, out: Path, shape=SHAPE, spacing=SPACING) -> Path:
-    """Resample ``source`` to ``spacing`` (linear, SimpleITK) and pad (or crop) it with air to ``shape``, centred."""
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(source))
-    size = [round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)]
-    image = sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), -1024,
-        sitk.sitkInt16,
-    )  # fmt: skip
-    crop_lo = [max(n - t, 0) // 2 for n, t in zip(size, shape, strict=True)]
-    crop_hi = [max(n - t, 0) - lo for n, t, lo in zip(size, shape, crop_lo, strict=True)]
-    image = sitk.Crop(image, crop_lo, crop_hi)
-    size = image.GetSize()
-    pad_lo = [(t - n) // 2 for n, t in zip(size, shape, strict=True)]
-    pad_hi = [t - n - lo for n, t, lo in zip(size, shape, pad_lo, strict=True)]
-    sitk.WriteImage(sitk.ConstantPad(image, pad_lo, pad_hi, -1024), str(out))
-    return out
-
-
 def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, str]:
     """Run ``cmd``; return (wall seconds, the child's own peak RSS in GB, its output). Exits on failure."""
     t0 = time.perf_counter()
@@ -111,15 +91,23 @@ def _network_lines(args, ckpt: Path, classes: int) -> tuple[list[str], dict]:
     from medseg.io.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    cpu = torch.device("cpu")
-    dtype, name = autocast_dtype(args.precision, cpu)
-    peaks = {"fp32": gemm_peak_gflops(torch.float32), "bf16": gemm_peak_gflops(torch.bfloat16)}
-    ours = model_from_checkpoint(load_checkpoint(ckpt), cpu, ckpt)
+    device = torch.device(args.device)
+    dtype, name = autocast_dtype(args.precision, device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    monai_half = "bf16" if device.type == "cpu" or name != "fp16" else "fp16"
+    peaks = {
+        p: gemm_peak_gflops(half.get(p, torch.float32), device=args.device)
+        for p in {"fp32", name, monai_half}
+    }
+    ours = model_from_checkpoint(load_checkpoint(ckpt), device, ckpt)
     torch.manual_seed(0)
-    theirs = AttentionUnet(3, 1, classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).eval()
+    theirs = (
+        AttentionUnet(3, 1, classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).eval().to(device)
+    )
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     lines = [
-        f"GEMM peak (torch.matmul 2048×2048, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s"
+        f"GEMM peak (torch.matmul 2048×2048, {where}): "
+        + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items())
     ]
     result = {"gemm_peak": peaks, "network": {}}
     patch = args.patch
@@ -129,7 +117,7 @@ def _network_lines(args, ckpt: Path, classes: int) -> tuple[list[str], dict]:
             ours,
             [(None, "fp32"), (dtype, name)] if dtype is not None else [(None, "fp32")],
         ),
-        ("MONAI AttentionUnet", theirs, [(None, "fp32"), (torch.bfloat16, "bf16")]),
+        ("MONAI AttentionUnet", theirs, [(None, "fp32"), (half[monai_half], monai_half)]),
     ):
         gflop = forward_gflop(net, patch)
         for precision, pname in runs:
@@ -148,10 +136,11 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
     write the checkpoint, measure GEMM peaks and networks; returns the numbers (``setup.json``)."""
     if args.setup:
         shape = QUICK_SHAPE if args.quick else SHAPE
+        from medseg.engine.speed import clinical_size_ct, random_checkpoint
+
         ct = work / f"ct_{'x'.join(map(str, shape))}.nii.gz"
         if not ct.is_file():
-            build_ct(REAL_CT, ct, shape)
-        from medseg.engine.speed import random_checkpoint
+            clinical_size_ct(REAL_CT, ct, shape, SPACING)
 
         ckpt = random_checkpoint(work / "bench.pt", args.classes)
         lines, numbers = _network_lines(args, ckpt, args.classes)
@@ -160,6 +149,7 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
         return numbers
     cmd = [sys.executable, "-m", "pipelines.bench_vs_monai", "--setup", "--keep", str(work)]
     cmd += ["--threads", str(args.threads), "--classes", str(args.classes), "--precision", args.precision]
+    cmd += ["--device", args.device]
     cmd += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     run_child(cmd, env, work / "setup.log")
@@ -172,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--precision", default="auto", help="medseg's --precision (default: its default)")
-    parser.add_argument("--monai-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--monai-precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda (both contestants; GEMM peak of that device)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per network measurement")
     parser.add_argument("--agreement", type=Path, default=None, help="bench_precision JSON to print")
     parser.add_argument("--quick", action="store_true", help="256×256×64 CT, one run each: a smoke check")
@@ -217,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if who == "medseg":
                     cmd = [*medseg_cmd, "segment", "-i", str(ct), "-o", str(out), "-m", str(ckpt)]
-                    cmd += ["--device", "cpu", "--precision", args.precision, "--profile"]
+                    cmd += ["--device", args.device, "--precision", args.precision, "--profile"]
                 else:
                     cmd = [sys.executable, "-m", "pipelines.monai_recipe", str(ct), str(out)]
                     cmd += ["--classes", str(args.classes), "--threads", str(args.threads)]
-                    cmd += ["--precision", args.monai_precision]
+                    cmd += ["--precision", args.monai_precision, "--device", args.device]
                 wall, peak, output = run_child(cmd, env, work / f"{who}_{run}.log")
                 times[who].append(wall)
                 peaks[who].append(peak)
@@ -232,7 +225,18 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  run {run + 1} {who:<6} {wall:6.1f} s, peak RSS {peak:.2f} GB", flush=True)
         fp32_out = work / "medseg_fp32"
         shutil.rmtree(fp32_out, ignore_errors=True)
-        cmd = [*medseg_cmd, "segment", "-i", str(ct), "-o", str(fp32_out), "-m", str(ckpt), "--device", "cpu"]
+        cmd = [
+            *medseg_cmd,
+            "segment",
+            "-i",
+            str(ct),
+            "-o",
+            str(fp32_out),
+            "-m",
+            str(ckpt),
+            "--device",
+            args.device,
+        ]
         wall32, peak32, _ = run_child([*cmd, "--precision", "fp32"], env, work / "medseg_fp32.log")
         print(f"  medseg --precision fp32 {wall32:6.1f} s, peak RSS {peak32:.2f} GB", flush=True)
 

@@ -1,6 +1,7 @@
 """The MONAI recipe a user would write to segment one CT: the reference ``bench_vs_monai`` compares medseg with.
 
-    python -m pipelines.monai_recipe CT.nii.gz OUTDIR [--classes 7] [--threads 2] [--precision fp32|bf16]
+    python -m pipelines.monai_recipe CT.nii.gz OUTDIR [--classes 7] [--threads 2] [--precision fp32|bf16|fp16]
+                                     [--device cpu|cuda]
 
 MONAI's own ``AttentionUnet`` with the default medseg channels (16..256, strides 2) and random weights, the
 usual dictionary transforms (load, channel first, orient, resample to the 1.5 mm plan, body crop, CT window),
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--classes", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = AttentionUnet(3, 1, args.classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).eval()
+    device = torch.device(args.device)
+    model = AttentionUnet(3, 1, args.classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
+    model = model.eval().to(device)
     pre = mt.Compose(
         [
             mt.LoadImaged("image", image_only=False),
@@ -63,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     t_setup = time.perf_counter()
     data = pre({"image": args.image})
     t_pre = time.perf_counter()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     with torch.no_grad(), autocast:
         logits = sliding_window_inference(
-            data["image"][None], (96, 96, 64), 2, model, overlap=0.5, mode="gaussian"
+            data["image"][None].to(device), (96, 96, 64), 2, model, overlap=0.5, mode="gaussian"
         )
-    data["pred"] = torch.argmax(logits[0], dim=0, keepdim=True).to(torch.uint8)
+    data["pred"] = torch.argmax(logits[0], dim=0, keepdim=True).to(torch.uint8).cpu()
     del logits
     t_net = time.perf_counter()
     post(data)

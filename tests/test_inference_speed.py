@@ -22,6 +22,7 @@ from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
 from medseg.inference.lanes import run_lanes
 from medseg.inference.manifest import read_manifest
 from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
+from medseg.io import save_volume
 from medseg.transforms import infer_transforms
 
 PLAN = {
@@ -233,3 +234,38 @@ def test_prepared_network_layout_precision_and_output():
     assert torch.equal(out32, ref)  # fp32 is the network's own float32 path
     assert torch.allclose(out16, ref, atol=0.1) and not torch.equal(out16, ref)  # bf16 really ran
     assert (out16.argmax(1) == ref.argmax(1)).float().mean() > 0.98
+
+
+# ---------------------------------------------------------------- the benchmarks' helpers
+
+
+def test_speed_helpers_count_and_time(tmp_path):
+    from medseg.engine.speed import (
+        clinical_size_ct,
+        forward_gflop,
+        gemm_peak_gflops,
+        network_throughput,
+        random_checkpoint,
+    )
+    from medseg.inference import model_from_checkpoint
+    from medseg.io.checkpoint import load_checkpoint
+
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    assert forward_gflop(conv, (4, 4, 4)) == pytest.approx(2 * 2 * 27 * 64 / 1e9)  # 2 FLOPs per MAC
+    assert gemm_peak_gflops(torch.float32, n=64, repeats=1) > 0
+    m = network_throughput(conv, (4, 4, 4), 2, None, repeats=1)
+    assert m["gflop"] == pytest.approx(2 * forward_gflop(conv, (4, 4, 4))) and m["gflops"] > 0
+
+    ckpt = random_checkpoint(tmp_path / "r.pt", 3, overrides=["model.filters=[4, 8, 16]"])
+    net = model_from_checkpoint(load_checkpoint(ckpt), torch.device("cpu"), ckpt)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+    ph = generate_phantom(3, (30, 28, 12), orientation="LPS")
+    src = save_volume(ph.image, ph.affine, tmp_path / "src.nii.gz", np.int16)
+    spacing = np.sqrt((ph.affine[:3, :3] ** 2).sum(0))
+    out = clinical_size_ct(src, tmp_path / "big.nii.gz", (64, 60, 20), spacing / 2)
+    big = nib.load(out)
+    data = np.asarray(big.dataobj)
+    assert big.shape == (64, 60, 20) and data.dtype == np.int16
+    assert np.allclose(np.sqrt((big.affine[:3, :3] ** 2).sum(0)), spacing / 2, atol=1e-4)
+    assert data[0, 0, 0] == -1024 and data.max() > 0  # air around, the body inside

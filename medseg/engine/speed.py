@@ -3,6 +3,7 @@
 The benchmark scripts (``python -m pipelines.bench_segment``, ``python -m pipelines.bench_vs_monai``) use these
 so that every ratio they print is measured in the same run, on the same machine, under the same load:
 
+* :func:`clinical_size_ct` — a real CT resampled to clinical voxels and padded with air to a clinical size;
 * :func:`random_checkpoint` — a checkpoint of a registered network with random weights and a hand-made plan
   (nothing trained: it measures time and memory, not accuracy);
 * :func:`gemm_peak_gflops` — the best of a few ``torch.matmul`` of two large square matrices in a dtype: the
@@ -23,6 +24,35 @@ import torch
 
 #: Label names of the benchmarks' checkpoints, in index order; ``classes`` takes the first K.
 ORGANS = ("background", "liver", "spleen", "kidney_right", "kidney_left", "aorta", "pancreas", "stomach")
+
+
+def clinical_size_ct(
+    source: Path,
+    out: Path,
+    shape: Sequence[int] = (512, 512, 300),
+    spacing: Sequence[float] = (0.8, 0.8, 1.5),
+    shift: Sequence[int] = (0, 0, 0),
+) -> Path:
+    """``source`` resampled (SimpleITK, linear, int16) to ``spacing`` mm and padded with air (-1024 HU) — or
+    cropped — to ``shape`` voxels, centred then moved by ``shift`` voxels; written to ``out`` (NIfTI). The
+    voxel axes keep the source's order and directions (an LPS-stored CT stays LPS-stored)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(source))
+    spacing = tuple(float(s) for s in spacing)
+    size = [round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing, strict=True)]
+    image = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection(), -1024,
+        sitk.sitkInt16,
+    )  # fmt: skip
+    crop_lo = [max(n - t, 0) // 2 for n, t in zip(size, shape, strict=True)]
+    crop_hi = [max(n - t, 0) - lo for n, t, lo in zip(size, shape, crop_lo, strict=True)]
+    image = sitk.Crop(image, crop_lo, crop_hi)
+    size = image.GetSize()
+    pad_lo = [min(max((t - n) // 2 + d, 0), t - n) for n, t, d in zip(size, shape, shift, strict=True)]
+    pad_hi = [t - n - lo for n, t, lo in zip(size, shape, pad_lo, strict=True)]
+    sitk.WriteImage(sitk.ConstantPad(image, pad_lo, pad_hi, -1024), str(out))
+    return out
 
 
 def random_checkpoint(
@@ -72,15 +102,19 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each)."""
+def gemm_peak_gflops(
+    dtype: torch.dtype, n: int | None = None, repeats: int = 5, device: str = "cpu"
+) -> float:
+    """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each);
+    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy)."""
+    n = n or (2048 if torch.device(device).type == "cpu" else 8192)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
     b = torch.randn((n, n), generator=gen, device=device).to(dtype)
 
     def product() -> None:
         torch.matmul(a, b)
-        if device != "cpu":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
     return 2 * n**3 / _best_seconds(product, repeats) / 1e9

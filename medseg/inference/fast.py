@@ -16,6 +16,7 @@ README's speed section for the numbers and commands): what is not listed as the 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -92,7 +93,13 @@ class WindowNetwork(nn.Module):
         autocast = torch.autocast(
             self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         )
-        with torch.no_grad(), autocast:
+        # float32 on CUDA means float32: no TF32 tensor-core rounding in the convolutions (cuDNN's default)
+        exact = (
+            torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+            if self.dtype is None
+            else nullcontext()
+        )
+        with torch.no_grad(), autocast, exact:
             logits = self.model(windows)
         return logits.float().contiguous()
 

@@ -13,7 +13,7 @@ plan), for ``K`` classes:
 
 ===========  ==================================================================================================
 read         the scan as stored, ``s N`` — kept to the end (it is ``Prediction.reference``)
-preprocess   ``s N`` (oriented copy) + ``12 M`` + one slab (:mod:`medseg.inference.preprocess`)
+preprocess   ``12 M`` + one slab (:mod:`medseg.inference.preprocess`: the oriented scan is a view, no copy)
 network      ``4 M`` image + ``4 (K + 1) M`` MONAI stitching, softmax in place (:mod:`medseg.inference.sliding`);
              with mirroring or an ensemble + ``4 K M`` accumulator + ``4 M`` flipped image
              (:mod:`medseg.inference.tta`); + the network's activations for ``sw_batch_size`` windows
@@ -63,7 +63,13 @@ from medseg.inference.postprocess import ComponentRule
 from medseg.inference.preprocess import preprocess
 from medseg.inference.restore import restore_labels
 from medseg.inference.rules import clean_labels, component_rules
-from medseg.inference.sliding import sliding_window_logits, softmax_, with_cpu_stitching
+from medseg.inference.sliding import (
+    CPU_STITCHING_WARNING,
+    sliding_window_logits,
+    softmax_,
+    stitching_device,
+    with_cpu_stitching,
+)
 from medseg.inference.tta import average_probabilities, choose_flips, sagittal_axis
 from medseg.io import InputError, load_volume, voxel_spacing
 from medseg.io.checkpoint import load_checkpoint
@@ -343,7 +349,10 @@ class Predictor:
     def _average(self, image: MetaTensor) -> tuple[torch.Tensor, list[str]]:
         """Softmax ``(K, ...)`` on the model grid, averaged over mirrored passes and models; warnings."""
         warnings: list[str] = []
-        stitch = [self.device]  # after a fallback, later passes of this case stitch on the CPU directly
+        # the GPU when the buffers fit, else the CPU; after a fallback, later passes stitch on the CPU directly
+        stitch = [stitching_device(self.device, image.shape[1:], len(self.label_names))]
+        if stitch[0] != self.device:
+            warnings.append(CPU_STITCHING_WARNING)
 
         def single(network: torch.nn.Module, roi: list[int]):
             def predict(img: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,15 @@
 * :func:`sliding_window_logits` — the stitched logits, with the autocast dtype and the devices of the windows
   and of the stitching buffer as arguments.
 * :func:`softmax_` — softmax over the class axis in place (no second ``K × volume`` buffer).
-* :func:`with_cpu_stitching` — nnU-Net's fallback on CUDA: try with the whole output on the GPU, and when that
-  raises ``torch.cuda.OutOfMemoryError`` keep the windows on the GPU but stitch into a CPU buffer (MONAI's
-  ``sliding_window_inference(..., sw_device=cuda, device=cpu)``), saying so in a warning.
+* :func:`stitching_device` — where the stitching buffer goes on CUDA: the GPU when the estimate of
+  :func:`stitching_bytes` fits in its free memory, else the CPU (nnU-Net's choice, made before the first window);
+* :func:`with_cpu_stitching` — the fallback when the estimate was too optimistic: try with the whole output on
+  the GPU, and when that raises ``torch.cuda.OutOfMemoryError`` keep the windows on the GPU but stitch into a CPU
+  buffer (MONAI's ``sliding_window_inference(..., sw_device=cuda, device=cpu)``), saying so in a warning.
+
+Host↔device traffic on CUDA: with GPU stitching the model-space image is copied to the GPU once and the windows
+are cut there, and the softmax comes back once; with CPU stitching each window batch goes to the GPU and its
+logits come back — the window itself, nothing more.
 
 Memory of the stitching (MONAI 1.x): a ``K``-channel output of the input's dtype (float32) and a one-channel
 weight-count map, both of the model grid's size, i.e. ``4 (K + 1)`` bytes per model-grid voxel, plus the
@@ -80,6 +86,35 @@ def sliding_window_logits(
             progress=progress,
         )
     return torch.as_tensor(out).float()
+
+
+#: GPU memory kept free for the network's activations, cuDNN workspaces and the window batch when deciding
+#: where to stitch (an Attention U-Net 16..256 needs ~0.85 GB for two 96×96×64 windows in float32).
+ACTIVATION_RESERVE_BYTES = 2 * 2**30
+
+
+def stitching_bytes(shape: Sequence[int], classes: int) -> int:
+    """Bytes the GPU holds for GPU stitching of a model grid of ``shape``: the image, MONAI's ``K``-channel
+    float32 output and its one-channel weight map (``4 (K + 2)`` bytes per voxel); the softmax is in place."""
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    return 4 * (int(classes) + 2) * voxels
+
+
+def stitching_device(
+    device: torch.device, shape: Sequence[int], classes: int, reserve: int = ACTIVATION_RESERVE_BYTES
+) -> torch.device:
+    """``device`` when the stitching of a ``shape`` model grid fits there (always on the CPU), else the CPU.
+
+    Free memory is what the driver reports (``torch.cuda.mem_get_info``) plus what PyTorch's caching
+    allocator holds unused; ``reserve`` stays free for the network (:data:`ACTIVATION_RESERVE_BYTES`).
+    """
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return device if stitching_bytes(shape, classes) + reserve <= free else torch.device("cpu")
 
 
 def softmax_(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
