@@ -30,6 +30,7 @@ from medseg.data.check import require_valid_dataset
 from medseg.data.datasets import label_names, read_dataset_json, split_cases, training_cases
 from medseg.data.plan import make_plan
 from medseg.device import resolve_device
+from medseg.engine.step import train_step, training_precision
 from medseg.engine.validation import decide_postprocessing, validate, validation_predictions
 from medseg.export import append_history, training_curves
 from medseg.io import InputError, atomic_write_text
@@ -50,6 +51,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, total_iters: int):
     """AdamW or SGD (Nesterov) with a per-iteration poly learning-rate schedule (nnU-Net's (1 - t/T)^0.9).
 
     ``optim.name`` was checked against :data:`medseg.config.schema.OPTIMIZERS` when the config was loaded.
+    AdamW uses PyTorch's fused kernel (CPU and CUDA; one pass over all parameters instead of ~10 tensor ops
+    per parameter: 7 vs 28 ms per step for the default network on one core, same updates to float32
+    rounding).
     """
     o = cfg.optim
     if o.name == "sgd":
@@ -57,7 +61,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, total_iters: int):
             model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total_iters, 1), power=o.poly_power)
     return opt, sched
 
@@ -130,15 +134,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
-    use_amp = tcfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = training_precision(
+        tcfg.precision, device, model, plan["in_channels"], plan["patch_size"], log
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
 
     start_epoch, best = 0, -math.inf
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt and use_amp:
+        if "scaler" in ckpt and precision.scaled:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"])
         _set_rng_state(ckpt["rng"])
@@ -158,7 +164,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
     except RuntimeError as exc:  # MONAI wraps a transform's error; surface medseg's one-line reason
         raise _input_error_in(exc) or exc from None
     log(
-        f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; device {device}"
+        f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; "
+        f"device {device}, {precision.name}"
     )
 
     def state(epoch: int) -> dict:
@@ -195,14 +202,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> Path:
         for _ in progress:
             batch = next(batches)
             image, label = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = loss_fn(model(image), label)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(model, loss_fn, optimizer, scaler, image, label, precision)
             scheduler.step()
             losses.append(float(loss.detach()))
             if hasattr(progress, "set_postfix"):

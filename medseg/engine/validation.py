@@ -38,10 +38,11 @@ def validation_predictions(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(prediction, reference)`` label maps in model space, one pair per validation volume."""
     infer = cfg.infer
+    mixed_precision = cfg.train.precision != "fp32"  # fp16 windows on CUDA, as before train.precision existed
     for item in val_ds:
         image = torch.as_tensor(item["image"])[None].to(device)
         logits = sliding_window_logits(
-            model, image, cfg.roi_size, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
+            model, image, cfg.roi_size, infer.overlap, infer.sw_batch_size, infer.mode, mixed_precision
         )
         pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)

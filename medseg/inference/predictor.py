@@ -146,11 +146,12 @@ def autocast_dtype(precision: str | None, device: torch.device, amp: bool) -> tu
 
     ``"fp32"``: no autocast. ``"bf16"``: bfloat16 autocast of the network on the CPU or CUDA (the stitched
     logits stay float32). ``None`` (the default): float32 on the CPU; on CUDA fp16 autocast when the
-    checkpoint's ``train.amp`` is true — what medseg did before ``precision`` existed.
+    checkpoint was trained in mixed precision (``train.precision`` other than fp32; ``train.amp`` before) —
+    what medseg did before ``precision`` existed.
     """
     if precision is None:
         if device.type == "cuda" and amp:
-            return torch.float16, "fp16 (CUDA AMP, train.amp)"
+            return torch.float16, "fp16 (CUDA AMP, train.precision)"
         return None, "fp32"
     if precision == "fp32":
         return None, "fp32"
@@ -268,7 +269,8 @@ class Predictor:
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
         self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
-        self.autocast, self.precision = autocast_dtype(precision, self.device, self.config.train.amp)
+        mixed = self.config.train.precision != "fp32"
+        self.autocast, self.precision = autocast_dtype(precision, self.device, mixed)
         self.tta = bool(tta)
         self.lr_axis = sagittal_axis(self.plan["orientation"])
         self.tta_note: str | None = None
