@@ -15,6 +15,16 @@ It prints the best-of-``--repeat`` time of each and the ratios measured in this 
 the machine: compare ratios, not absolute times across runs), and checks that HD95 / NSD / the directed mean
 distances agree with surface-distance. It is a script, not a timed test.
 
+    python -m pipelines.bench_metrics --pairs [--gaps 2 6 8 12 30 36] [--repeat 2] [--methods]
+
+instead times pairs whose surfaces are a given number of voxels apart: the reference ellipsoid, and the same
+ellipsoid grown by LO, (LO+HI)/2 and HI voxels along the three axes (so its surface lies LO-HI voxels
+outside). For each pair, medseg's ``evaluate_pair`` and MONAI's HD95 alternate (A B A B, best of
+``--repeat``); it prints both times, the ratio, the nearest-corner method the cost estimate chose per
+direction (:mod:`medseg.metrics.nearest`) and the agreement with surface-distance. ``--methods`` also times
+``compute_surface_distances`` with each method forced (the row search on the far pair takes minutes: that is
+the worst case the estimate avoids).
+
     python -m pipelines.bench_metrics --tables [--spacings 200]
 
 instead compares the surface-area lookup tables (code -> mm²): medseg's ``surfel_area_table`` against
@@ -30,6 +40,8 @@ import subprocess
 import sys
 import time
 import timeit
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,6 +58,93 @@ def ellipsoids(shape: tuple[int, int, int], offset: float) -> tuple[np.ndarray, 
     ref = make(centre, radii)
     pred = make(centre + offset * np.array([1.0, 1.0, -1.0]), radii + offset * np.array([0.5, -1.0, 1.0]))
     return pred, ref
+
+
+def shells(shape: tuple[int, int, int], lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """The :func:`ellipsoids` reference and, as prediction, the same ellipsoid with semi-axes longer by
+    ``(lo, (lo + hi) / 2, hi)`` voxels: its surface lies ``lo``-``hi`` voxels outside the reference's."""
+    centre = np.array(shape, dtype=np.float64) / 2.0
+    radii = np.array(shape, dtype=np.float64) * np.array([0.30, 0.29, 0.25])
+    axes = np.indices(shape, sparse=True, dtype=np.float32)
+
+    def make(r: np.ndarray) -> np.ndarray:
+        return sum(((a - c) / ri) ** 2 for a, c, ri in zip(axes, centre, r, strict=True)) <= 1.0
+
+    return make(radii + np.array([lo, (lo + hi) / 2.0, hi])), make(radii)
+
+
+def _monai_hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> Callable[[], float]:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    yp, yr = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
+    return lambda: float(
+        compute_hausdorff_distance(yp, yr, include_background=True, percentile=95, spacing=list(spacing))
+    )
+
+
+def bench_pairs(args) -> int:
+    """Shell pairs LO-HI voxels apart: medseg (all metrics) vs MONAI's HD95, alternating (module docstring)."""
+    from medseg.metrics import compute_surface_distances, evaluate_pair
+
+    shape, spacing = tuple(args.shape), tuple(args.spacing)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI's always_return_as_numpy notice
+    evaluate_pair(*shells((40, 48, 48), 1, 2), spacing)  # warm-up: imports, area-table derivation
+    _monai_hd95(*shells((40, 48, 48), 1, 2), spacing)()
+    print(f"volume {shape}, spacing {spacing} mm; best of {args.repeat} alternating runs (medseg, MONAI)")
+    print(
+        "surfaces apart (voxels) | medseg evaluate_pair | MONAI HD95 | ratio | HD95 medseg / MONAI | methods"
+    )
+    for lo, hi in zip(args.gaps[::2], args.gaps[1::2], strict=True):
+        pred, ref = shells(shape, lo, hi)
+        monai = _monai_hd95(pred, ref, spacing)
+        times: dict[str, list[float]] = {"medseg": [], "monai": []}
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            ours = evaluate_pair(pred, ref, spacing, tolerance=args.tolerance)[1]
+            times["medseg"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hd_monai = monai()
+            times["monai"].append(time.perf_counter() - t0)
+        t_ours, t_monai = min(times["medseg"]), min(times["monai"])
+        methods = "/".join(compute_surface_distances(pred, ref, spacing).methods)
+        print(
+            f"{lo:g}-{hi:g} | {t_ours:.3f} s | {t_monai:.3f} s | {t_monai / t_ours:.1f}x | "
+            f"{ours['hd95']:.3f} / {hd_monai:.3f} mm | {methods}",
+            flush=True,
+        )
+        for method in ("search", "edt") if args.methods else ():
+            t0 = time.perf_counter()
+            compute_surface_distances(pred, ref, spacing, method=method)
+            print(
+                f"    compute_surface_distances(method={method!r}) {time.perf_counter() - t0:.3f} s",
+                flush=True,
+            )
+        if not args.skip_surface_distance:
+            _check_against_surface_distance(pred, ref, spacing, args.tolerance, ours)
+    return 0
+
+
+def _check_against_surface_distance(pred, ref, spacing, tolerance: float, ours: dict) -> None:
+    try:
+        import surface_distance as sd
+    except ImportError:
+        print("    surface-distance not installed: agreement not checked (pip install surface-distance)")
+        return
+    if not hasattr(np, "Inf"):  # the package predates numpy 2
+        setattr(np, "Inf", np.inf)  # noqa: B010
+    d = sd.compute_surface_distances(ref, pred, spacing)
+    gt2p, p2gt = sd.compute_average_surface_distance(d)
+    diffs = {
+        "hd95": abs(sd.compute_robust_hausdorff(d, 95) - ours["hd95"]),
+        "nsd": abs(sd.compute_surface_dice_at_tolerance(d, tolerance) - ours["nsd"]),
+        "asd_ref_to_pred": abs(gt2p - ours["asd_ref_to_pred"]),
+        "asd_pred_to_ref": abs(p2gt - ours["asd_pred_to_ref"]),
+    }
+    worst = max(diffs.values())
+    print(
+        f"    agreement with surface-distance: max |diff| {worst:.2e} ({'OK' if worst <= 1e-6 else 'MISMATCH'})"
+    )
 
 
 def _best(fn, repeat: int) -> tuple[float, object]:
@@ -190,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-surface-distance", action="store_true")
     parser.add_argument("--tables", action="store_true", help="benchmark the surface-area tables instead")
     parser.add_argument("--spacings", type=int, default=200, help="random spacings for --tables")
+    parser.add_argument("--pairs", action="store_true", help="time shell pairs --gaps voxels apart instead")
+    parser.add_argument("--gaps", type=float, nargs="+", default=[2, 6, 8, 12, 30, 36], help="LO HI ...")
+    parser.add_argument("--methods", action="store_true", help="--pairs: also time each method forced")
     args = parser.parse_args(argv)
     if args.tables:
         return bench_tables(args.spacings)
+    if args.pairs:
+        return bench_pairs(args)
 
     from medseg.metrics import evaluate_pair
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.metrics import compute_surface_distances, evaluate_pair, surface
+from medseg.metrics import compute_surface_distances, evaluate_pair, nearest, surface
 from medseg.metrics.surface import directed_mean, directed_percentile, surface_overlap, surfel_area_table
 
 sd = pytest.importorskip("surface_distance")
@@ -57,9 +57,11 @@ def _ours(tolerance: float, percentile: float, d) -> dict:
     }
 
 
-def _assert_same(pred, ref, spacing, tolerances=(0.5, 1.0, 2.0, 3.7), percentiles=(95, 100, 50, 99)) -> None:
+def _assert_same(
+    pred, ref, spacing, tolerances=(0.5, 1.0, 2.0, 3.7), percentiles=(95, 100, 50, 99), method="auto"
+) -> None:
     theirs = sd.compute_surface_distances(ref.astype(bool), pred.astype(bool), list(spacing))
-    mine = compute_surface_distances(pred.astype(bool), ref.astype(bool), spacing)
+    mine = compute_surface_distances(pred.astype(bool), ref.astype(bool), spacing, method=method)
     for tolerance in tolerances:
         for percentile in percentiles:
             want = _reference(pred, ref, spacing, tolerance, percentile, theirs)
@@ -170,7 +172,7 @@ def test_structures_far_apart_use_the_kdtree_fallback(monkeypatch):
     pred[2:10, 2:12, 3:9] = True
     ref[28:38, 25:37, 30:39] = rng.random((10, 12, 9)) < 0.7
     _assert_same(pred, ref, (1.2, 0.9, 0.8))
-    monkeypatch.setattr(surface, "_SEARCH_ROWS", 3)  # almost everything goes to the k-d tree
+    monkeypatch.setattr(nearest, "_SEARCH_ROWS", 3)  # almost everything goes to the k-d tree
     _assert_same(pred, ref, (1.2, 0.9, 0.8))
     _assert_same(_blob(rng, (20, 22, 24), 0.3, 1.5), _blob(rng, (20, 22, 24), 0.3, 1.5), (0.7, 1.1, 2.0))
 

@@ -28,6 +28,10 @@ REMOVED_KEYS = {
         "model.skip_gate was removed: the network name is the one switch for attention gates — "
         "model.name: unet (no gates) or model.name: attention_unet (grid attention gates)"
     ),
+    ("train", "amp"): (
+        "train.amp was replaced by train.precision: auto (bf16 on CUDA and on CPUs with native bf16, "
+        "else fp32), fp32, bf16 or fp16 (CUDA) — amp: false is precision: fp32"
+    ),
 }
 
 
@@ -173,6 +177,18 @@ def _migrate_removed_sections(raw: dict) -> list[str]:
     return notes
 
 
+def _migrate_amp(raw: dict) -> list[str]:
+    """Up to 0.2, ``train.amp`` (float16 autocast, CUDA only) was the precision switch; ``train.precision``
+    replaced it. ``amp: true`` → ``auto`` (the predictor still uses float16 on CUDA for such a checkpoint),
+    ``amp: false`` → ``fp32``. Checkpoints of format version 2 hold either spelling, so this runs for all."""
+    train = raw.get("train") or {}
+    if "amp" not in train:
+        return []
+    amp = train.pop("amp")
+    train.setdefault("precision", "auto" if amp else "fp32")
+    return [f"train.amp={amp} → train.precision={train['precision']}"]
+
+
 #: Checkpoint config migrations, applied in order to configs written by checkpoint format versions < 2.
 MIGRATIONS = (_migrate_skip_gate, _migrate_removed_sections)
 
@@ -184,6 +200,7 @@ def migrate_config(raw: dict[str, Any], version: int) -> tuple[dict[str, Any], l
     if version < 2:
         for step in MIGRATIONS:
             notes += step(raw)
+    notes += _migrate_amp(raw)
     return raw, notes
 
 

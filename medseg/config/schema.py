@@ -45,6 +45,8 @@ AUTO = "auto"
 INTENSITY_MODES = ("window", "zscore")
 OPTIMIZERS = ("adamw", "sgd")
 CACHE_MODES = ("memory", "disk", "none")  # see medseg.engine.caching
+#: ``train.precision``: autocast dtype of the training step (resolved per device by medseg.engine.step).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BLEND_MODES = ("gaussian", "constant")  # MONAI sliding_window_inference ``mode``
 ORIENTATIONS = tuple(a + b + c for a in "RL" for b in "AP" for c in "SI") + tuple(
     a + b + c for a in "AP" for b in "RL" for c in "SI"
@@ -324,7 +326,7 @@ class TrainConfig(_Section):
     val_every: int = 5
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # used on CUDA only
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: CUDA only)
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
 
@@ -340,11 +342,11 @@ class TrainConfig(_Section):
                 _range(f"train.{key}", getattr(self, key), 1)
         if not is_device_name(self.device):
             _choice("train.device", self.device, DEVICE_CHOICES)
+        _choice("train.precision", self.precision, TRAIN_PRECISIONS)
         if self.max_minutes is not None:
             self._set("max_minutes", _number("train.max_minutes", self.max_minutes, float))
-        for key in ("amp", "progress"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"train.{key}: expected true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"train.progress: expected true or false, got {self.progress!r}")
 
 
 @dataclass(frozen=True)

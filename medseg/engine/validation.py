@@ -47,11 +47,12 @@ def validation_predictions(
     :func:`medseg.config.schema.plan_roi_size`) or the config's."""
     infer = cfg.infer
     roi = roi_size or cfg.roi_size
+    mixed_precision = cfg.train.precision != "fp32"  # fp16 windows on CUDA, as before train.precision existed
     for i in range(len(val_ds)) if indices is None else indices:
         item = val_ds[i]
         image = torch.as_tensor(item["image"])[None].to(device)
         logits = sliding_window_logits(
-            model, image, roi, infer.overlap, infer.sw_batch_size, infer.mode, cfg.train.amp
+            model, image, roi, infer.overlap, infer.sw_batch_size, infer.mode, mixed_precision
         )
         pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
         ref = torch.as_tensor(item["label"])[0].cpu().numpy().astype(np.int64)

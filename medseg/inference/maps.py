@@ -121,3 +121,10 @@ def restore_map(
         restored = resample_to_reference(crop, window_affine, slab_affine, (*box_shape[:-1], k1 - k0))
         target[..., k0:k1] = restored.numpy()
     return out
+
+
+def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
+    """The label map of ``(K, ...)`` class probabilities (uint8 when K ≤ 256, else int32), for
+    :func:`label_means` on the model grid."""
+    labels = torch.as_tensor(probabilities).argmax(0)
+    return labels.to(torch.uint8 if probabilities.shape[0] <= 256 else torch.int32).numpy()

@@ -58,7 +58,7 @@ from medseg.config import checkpoint_config
 from medseg.device import resolve_device
 from medseg.inference.ensemble import check_ensemble, check_single_channel
 from medseg.inference.fast import prepare_network
-from medseg.inference.maps import entropy_map, label_means, restore_map
+from medseg.inference.maps import argmax_labels, entropy_map, label_means, restore_map
 from medseg.inference.postprocess import ComponentRule
 from medseg.inference.preprocess import preprocess
 from medseg.inference.restore import restore_labels
@@ -466,7 +466,7 @@ class Predictor:
         del image
         stages.done("network")
         entropy = entropy_map(probs)
-        info["mean_entropy"] = label_means(entropy, _argmax_u8(probs), self.label_names)
+        info["mean_entropy"] = label_means(entropy, argmax_labels(probs), self.label_names)
         labels = restore_labels(probs, model_affine, reference.affine, shape)
         del probs
         uncertainty = None
@@ -485,12 +485,6 @@ class Predictor:
             info={**info, **stages.info()},
             uncertainty=uncertainty,
         )
-
-
-def _argmax_u8(probs: torch.Tensor) -> np.ndarray:
-    """The model-grid label map (uint8 when K ≤ 256) for the per-label entropy means."""
-    labels = probs.argmax(0)
-    return labels.to(torch.uint8 if probs.shape[0] <= 256 else torch.int32).numpy()
 
 
 #: Volumes needing more windows than this get a progress bar over windows (when stderr is a terminal).

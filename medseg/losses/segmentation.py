@@ -7,6 +7,11 @@ branches, per-scale logits) and binary cross-entropy on presence logits (EncNet'
 
 Network output contract (see :mod:`medseg.nets.unet`): in training a dict ``{"logits": [full, level2, ...],
 "aux": {name: tensor}}``; a plain tensor is also accepted (no deep supervision).
+
+The loss is computed in float32 whatever dtype the network's outputs have: logits from a bfloat16 / float16
+autocast forward are upcast here (``.float()``, free for float32), so softmax, log-softmax and the Dice sums
+never run in 8-bit-mantissa arithmetic — PyTorch's AMP recipe (the CUDA autocast runs these ops in float32;
+the CPU autocast does not, so the upcast is explicit).
 """
 
 from __future__ import annotations
@@ -54,12 +59,13 @@ class SegmentationLoss(nn.Module):
         return DeepSupervisionLoss(self.dice_ce, weights=weights[: len(logits)])(logits, target)
 
     def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
-        """``target``: integer labels ``(B, 1, D, H, W)``."""
+        """``target``: integer labels ``(B, 1, D, H, W)``; ``outputs`` in any float dtype (see module docstring)."""
         target = target.float()
         if isinstance(outputs, torch.Tensor):
-            return self.dice_ce(outputs, target)
-        loss = self._ds_loss(list(outputs["logits"]), target)
+            return self.dice_ce(outputs.float(), target)
+        loss = self._ds_loss([logits.float() for logits in outputs["logits"]], target)
         for aux in outputs.get("aux", {}).values():
+            aux = aux.float()
             if aux.ndim == 2:
                 loss = loss + self.se_weight * F.binary_cross_entropy_with_logits(
                     aux, presence_targets(target, self.num_classes)

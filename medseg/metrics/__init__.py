@@ -1,7 +1,7 @@
 """Segmentation metrics with the semantics of the literature: Dice, IoU, HD95, ASSD, NSD, volumes.
 
 Definitions and the empty-mask policy: :mod:`medseg.metrics.pair`; surface distances:
-:mod:`medseg.metrics.surface`; overlap counts: :mod:`medseg.metrics.overlap`; per-label summaries:
+:mod:`medseg.metrics.surface` (nearest-corner search: :mod:`medseg.metrics.nearest`); overlap counts: :mod:`medseg.metrics.overlap`; per-label summaries:
 :mod:`medseg.metrics.summary`.
 """
 

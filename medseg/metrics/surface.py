@@ -33,23 +33,19 @@ How the distances are computed fast (and exactly):
 1. Everything happens in the union bounding box of the two masks plus one voxel of zero padding.
 2. Border corners come from six boolean OR/AND passes; the 8-bit codes (and so the areas) are gathered only
    at border corners, not computed for the whole box.
-3. For each direction, a small integer array ``G`` stores, for every corner of the box, the signed offset
-   along one axis (the "row axis", the axis with the smallest spacing) to the nearest border corner of the
-   other mask *in the same row*. Then the exact squared distance of a query corner is::
-
-       d² = min over rows (Δa, Δb)  of  (s_a Δa)² + (s_b Δb)² + (s_r G[a+Δa, b+Δb, r])²
-
-   Rows are visited in increasing order of ``(s_a Δa)² + (s_b Δb)²`` and a query stops as soon as that
-   exceeds its best ``d²`` — the search is exact, and its cost grows with the *distance*, not with the
-   volume: a corner lying on the other surface finishes after one lookup. Queries are vectorised in numpy.
-4. The few corners still undecided after a radius of about ``_SEARCH_ROWS`` rows (surfaces far apart) are
-   answered by a k-d tree over the other border (:class:`scipy.spatial.cKDTree`).
-5. Final distances are recomputed from the integer offsets as ``sqrt((Δ0 s0)² + (Δ1 s1)² + (Δ2 s2)²)``,
+3. For each direction, the exact nearest border corner of the other mask is found by the cheapest of three
+   exact methods, chosen by an estimate of their cost (:mod:`medseg.metrics.nearest`): a row search whose
+   cost grows with the distance² (surfaces close together: a corner on the other surface costs one lookup),
+   a two-level tile search that prunes whole 4×4-row tiles with a lower bound (a few voxels further), and
+   scipy's Euclidean distance transform on the box — the computation ``surface-distance`` itself does, whose
+   cost is set by the box volume and so bounds the worst case (surfaces far apart).
+4. Final distances are recomputed from the integer offsets as ``sqrt((Δ0 s0)² + (Δ1 s1)² + (Δ2 s2)²)``,
    the same arithmetic as ``scipy.ndimage.distance_transform_edt``, so values agree to the last bits.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 import math
@@ -57,6 +53,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from medseg.metrics.nearest import nearest_offsets
 
 __all__ = [
     "SurfaceDistances",
@@ -68,13 +66,8 @@ __all__ = [
     "surfel_area_table",
 ]
 
-# Maximum number of rows visited per query before falling back to the k-d tree. Each visited row costs one
-# vectorised gather (~5-10 ns); a k-d tree query for a far-away point costs ~10 µs, about the same as
-# 1500 rows (a disc of radius ~19.5 mm at 0.8 x 0.8 mm).
-_SEARCH_ROWS = 1500
-# Queries processed together; consecutive raster-ordered corners touch nearby rows, so this keeps the
-# gathers from the row-offset array in cache.
-_CHUNK = 8192
+# Surfaces with fewer border corners than this are searched in one thread (a thread costs ~0.1 ms).
+_THREAD_MIN_CORNERS = 20_000
 
 # --------------------------------------------------------------------------------------------------------
 # Neighbourhood code -> surface area (marching cubes on the 2x2x2 cell, derived, not tabulated)
@@ -251,132 +244,27 @@ def _codes_at(padded: np.ndarray, flat_idx: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _row_offsets(border: np.ndarray, pad_a: int, pad_b: int) -> tuple[np.ndarray, np.ndarray]:
-    """Offset along the last axis to the nearest ``border`` corner of the same row (the array ``G``).
+def _nearest(
+    query: np.ndarray, target_border: np.ndarray, n_target: int, spacing: np.ndarray, method: str = "auto"
+) -> tuple[np.ndarray, str]:
+    """Exact distance in mm from each query corner (3, n) to the nearest corner of ``target_border``, and the
+    method used (``""`` when nothing was searched).
 
-    ``border`` is C-contiguous with the row axis last (length L). Each border corner "owns" the positions
-    of its row that are closer to it than to its neighbours in the row, so ``G`` is filled row by row from
-    the sorted border indices without a pass per axis. Values are stored shifted by ``2L`` so that they
-    index a lookup table directly; 0 (offset ``-2L``) means "no border corner in this row". ``G`` is padded
-    by ``pad_a`` and ``pad_b`` empty rows on the first two axes so that row shifts stay in bounds.
-
-    Returns ``(G, flat_idx)`` where ``flat_idx`` are the flat indices of the border corners in ``border``.
-    """
-    n_a, n_b, length = border.shape
-    idx = np.flatnonzero(border)
-    g = np.zeros((n_a + 2 * pad_a, n_b + 2 * pad_b, length), dtype=np.uint16 if length < 8192 else np.int32)
-    if idx.size == 0:
-        return g, idx
-    row, x = np.divmod(idx, length)
-    same_prev = np.empty(idx.size, dtype=bool)
-    same_prev[0] = False
-    np.equal(row[1:], row[:-1], out=same_prev[1:])
-    same_next = np.append(same_prev[1:], False)
-    start = np.zeros(idx.size, dtype=np.int64)
-    start[1:] = (x[1:] + x[:-1]) // 2 + 1
-    start[~same_prev] = 0
-    stop = np.full(idx.size, length, dtype=np.int64)
-    stop[:-1] = start[1:]
-    stop[~same_next] = length
-    owner = np.repeat((x + 2 * length).astype(g.dtype), stop - start).reshape(-1, length)
-    owner -= np.arange(length, dtype=g.dtype)
-    rows = row[~same_prev]
-    ra, rb = np.divmod(rows, n_b)
-    g.reshape(-1, length)[(ra + pad_a) * g.shape[1] + (rb + pad_b)] = owner
-    return g, idx
-
-
-def _nearest(query: np.ndarray, target_border: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Exact distance in mm from each query corner to the nearest border corner of ``target_border``.
-
-    ``query`` holds integer corner coordinates, shape (3, n), in the frame of ``target_border`` (the padded
-    box shared by both masks). Returns float64 distances in the order of the queries.
+    The integer offsets come from :func:`medseg.metrics.nearest.nearest_offsets`; the distance is
+    ``sqrt((Δ0 s0)² + (Δ1 s1)² + (Δ2 s2)²)``, the arithmetic of ``scipy.ndimage.distance_transform_edt``.
+    ``inf`` when the target has no border corner (``n_target == 0``).
     """
     n = query.shape[1]
     if n == 0:
-        return np.zeros(0)
-    # Row axis = the (last) axis of smallest spacing: fewest rows to visit for a given distance in mm.
-    row_axis = 2 - int(np.argmin(spacing[::-1]))
-    perm = [ax for ax in range(3) if ax != row_axis] + [row_axis]
-    border = target_border if perm == [0, 1, 2] else np.ascontiguousarray(target_border.transpose(perm))
-    s_a, s_b, s_r = (float(spacing[ax]) for ax in perm)
-    q = query[perm]
-    length = border.shape[2]
-
-    # Row shifts (da, db) sorted by in-plane squared distance, inside a disc of radius r_mm.
-    r_mm = math.sqrt(_SEARCH_ROWS * s_a * s_b / math.pi)
-    pad_a, pad_b = math.ceil(r_mm / s_a), math.ceil(r_mm / s_b)
-    da, db = np.meshgrid(np.arange(-pad_a, pad_a + 1), np.arange(-pad_b, pad_b + 1), indexing="ij")
-    cost = ((da * s_a) ** 2 + (db * s_b) ** 2).ravel()
-    keep = np.flatnonzero(cost <= r_mm**2)
-    keep = keep[np.argsort(cost[keep], kind="stable")]
-    da, db, cost = da.ravel()[keep], db.ravel()[keep], cost[keep]
-
-    g, target_idx = _row_offsets(border, pad_a, pad_b)
-    if target_idx.size == 0:
-        return np.full(n, np.inf)
-    g_flat = g.reshape(-1)
-    stride_a, stride_b = g.shape[1] * length, length
-    base = (q[0] + pad_a) * stride_a + (q[1] + pad_b) * stride_b + q[2]
-    shifts = da * stride_a + db * stride_b
-    # Lookup: stored value v -> squared in-row distance of offset v - 2L ("no corner" -> inf).
-    offsets = np.arange(4 * length + 1, dtype=np.int64) - 2 * length
-    row_sq = (offsets * s_r) ** 2
-    row_sq[np.abs(offsets) >= length] = np.inf
-
-    best = np.full(n, np.inf)
-    best_k = np.zeros(n, dtype=np.intp)
-    best_v = np.zeros(n, dtype=g.dtype)
-    # Chunks of consecutive (raster-ordered) queries keep the gathers from G in cache. The state of the
-    # queries still running is kept compacted; finished queries are written back.
-    for lo in range(0, n, _CHUNK):
-        ids = np.arange(lo, min(lo + _CHUNK, n))
-        cur_base, cur_best = base[ids], best[ids]
-        cur_k, cur_v = best_k[ids], best_v[ids]
-        start, step = 0, 1
-        while ids.size:
-            stop = min(start + step, cost.size)
-            vals = g_flat.take(cur_base[:, None] + shifts[None, start:stop])
-            d2 = row_sq.take(vals)
-            d2 += cost[None, start:stop]
-            k = d2.argmin(axis=1)
-            rows = np.arange(ids.size)
-            dmin = d2[rows, k]
-            better = dmin < cur_best
-            np.copyto(cur_best, dmin, where=better)
-            np.copyto(cur_k, k + start, where=better)
-            np.copyto(cur_v, vals[rows, k], where=better)
-            next_cost = cost[stop] if stop < cost.size else np.inf
-            done = cur_best <= next_cost
-            if done.any():
-                fin = ids[done]
-                best[fin], best_k[fin], best_v[fin] = cur_best[done], cur_k[done], cur_v[done]
-                keep_going = ~done
-                ids, cur_base, cur_best = ids[keep_going], cur_base[keep_going], cur_best[keep_going]
-                cur_k, cur_v = cur_k[keep_going], cur_v[keep_going]
-            start, step = stop, min(2 * step, 64)
-
-    # Integer offsets of the nearest corner; undecided queries (farther than r_mm) go to a k-d tree.
-    delta = np.zeros((3, n), dtype=np.float64)
-    delta[0] = da[best_k]
-    delta[1] = db[best_k]
-    delta[2] = best_v.astype(np.int64) - 2 * length
-    undecided = np.flatnonzero(best > r_mm**2)
-    if undecided.size:
-        from scipy.spatial import cKDTree
-
-        s_perm = np.array([s_a, s_b, s_r])
-        target_xyz = np.array(np.unravel_index(target_idx, border.shape))
-        query_xyz = q[:, undecided]
-        _, nn = cKDTree(target_xyz.T * s_perm).query(query_xyz.T * s_perm)
-        delta[:, undecided] = target_xyz[:, nn] - query_xyz
-    # Back to the original axis order, then the same arithmetic as scipy's EDT.
-    out = np.empty_like(delta)
-    out[perm] = delta
+        return np.zeros(0), ""
+    if n_target == 0:
+        return np.full(n, np.inf), ""
+    offsets, method = nearest_offsets(query, target_border, spacing, method)
+    out = offsets.astype(np.float64)
     for axis in range(3):
         out[axis] *= spacing[axis]
     np.multiply(out, out, out=out)
-    return np.sqrt(np.add.reduce(out, axis=0))
+    return np.sqrt(np.add.reduce(out, axis=0)), method
 
 
 @dataclass
@@ -392,6 +280,9 @@ class SurfaceDistances:
     area_pred: np.ndarray
     dist_ref_to_pred: np.ndarray
     area_ref: np.ndarray
+    #: how each direction's nearest corners were found, pred → ref and ref → pred: ``search`` or ``edt``
+    #: (:mod:`medseg.metrics.nearest`; ``""`` for an empty surface). The values do not depend on it.
+    methods: tuple[str, str] = ("", "")
 
 
 def compute_surface_distances(
@@ -399,6 +290,7 @@ def compute_surface_distances(
     ref: np.ndarray,
     spacing: Sequence[float],
     box: tuple[slice, ...] | None = None,
+    method: str = "auto",
 ) -> SurfaceDistances:
     """Distances between the surfaces of two boolean 3D masks (``surface-distance`` conventions).
 
@@ -406,6 +298,8 @@ def compute_surface_distances(
         pred, ref: boolean arrays of the same 3D shape.
         spacing: voxel size in mm along the three array axes.
         box: optional precomputed union bounding box of ``pred | ref`` (saves a pass over the volume).
+        method: how nearest corners are found — ``auto`` (cheapest), ``search`` or ``edt``; the values are
+            the same (see :mod:`medseg.metrics.nearest`), only the time differs.
     """
     if pred.shape != ref.shape or pred.ndim != 3:
         raise ValueError(
@@ -421,19 +315,28 @@ def compute_surface_distances(
         return SurfaceDistances(empty, empty, empty.copy(), empty.copy())
     pp = np.pad(np.asarray(pred[box], dtype=bool), 1)
     pr = np.pad(np.asarray(ref[box], dtype=bool), 1)
-    return _distances_padded(pp, pr, spacing)
+    return _distances_padded(pp, pr, spacing, method)
 
 
-def _distances_padded(pp: np.ndarray, pr: np.ndarray, spacing: np.ndarray) -> SurfaceDistances:
+def _distances_padded(
+    pp: np.ndarray, pr: np.ndarray, spacing: np.ndarray, method: str = "auto"
+) -> SurfaceDistances:
     """:func:`compute_surface_distances` on two zero-padded crops of the same shape."""
     table = surfel_area_table(spacing)
     border_p, border_r = _border(pp), _border(pr)
     idx_p, idx_r = np.flatnonzero(border_p), np.flatnonzero(border_r)
     area_p = table[_codes_at(pp, idx_p)]
     area_r = table[_codes_at(pr, idx_r)]
-    d_pr = _nearest(np.array(np.unravel_index(idx_p, pp.shape)), border_r, spacing)
-    d_rp = _nearest(np.array(np.unravel_index(idx_r, pr.shape)), border_p, spacing)
-    return SurfaceDistances(d_pr, area_p, d_rp, area_r)
+    q_p, q_r = np.array(np.unravel_index(idx_p, pp.shape)), np.array(np.unravel_index(idx_r, pr.shape))
+    other = functools.partial(_nearest, q_r, border_p, idx_p.size, spacing, method)
+    if min(idx_p.size, idx_r.size) < _THREAD_MIN_CORNERS:
+        (d_pr, m_pr), (d_rp, m_rp) = _nearest(q_p, border_r, idx_r.size, spacing, method), other()
+    else:  # the two directions at once: numpy releases the GIL in the gathers and reductions
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(other)
+            d_pr, m_pr = _nearest(q_p, border_r, idx_r.size, spacing, method)
+            d_rp, m_rp = future.result()
+    return SurfaceDistances(d_pr, area_p, d_rp, area_r, (m_pr, m_rp))
 
 
 # --------------------------------------------------------------------------------------------------------

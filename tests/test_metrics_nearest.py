@@ -1,0 +1,104 @@
+"""medseg.metrics.nearest: every method (row search, k-d tree fallback, distance transform) gives the exact
+nearest-corner distance — against brute force and against DeepMind ``surface-distance`` — and the cost
+estimate sends close surfaces to the search and far ones to the distance transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from medseg.metrics import compute_surface_distances, nearest, surface
+from tests.test_metrics_reference import _assert_same, _blob
+
+METHODS = ("search", "edt", "auto")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning"
+)  # scipy.ndimage.morphology in the package
+
+
+def _brute_force(query: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """min over every target corner of sqrt(sum((Δ s)²)), in blocks of queries."""
+    corners = np.array(np.nonzero(target))
+    out = np.empty(query.shape[1])
+    for lo in range(0, query.shape[1], 256):
+        d = (query[:, lo : lo + 256, None] - corners[:, None, :]) * spacing[:, None, None]
+        out[lo : lo + 256] = np.sqrt((d * d).sum(axis=0)).min(axis=1)
+    return out
+
+
+def _pair(seed: int):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(10, 30, 3))
+    spacing = rng.uniform(0.3, 3.0, 3)
+
+    def blob():
+        noise = ndimage.gaussian_filter(rng.random(shape), rng.uniform(1.0, 3.0))
+        return noise > np.quantile(noise, 1.0 - rng.uniform(0.05, 0.4))
+
+    a, b = blob(), blob()
+    if seed % 2:  # surfaces further apart
+        b = np.roll(b, int(rng.integers(3, 9)), axis=int(rng.integers(0, 3)))
+    return np.pad(a, 1), np.pad(b, 1), spacing
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_method_equals_brute_force(seed, monkeypatch):
+    pa, pb, spacing = _pair(seed)
+    query, target = np.array(np.nonzero(surface._border(pa))), surface._border(pb)
+    want = _brute_force(query, target, spacing)
+    for method in METHODS:
+        got, _ = surface._nearest(query, target, int(target.sum()), spacing, method)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=method)
+    monkeypatch.setattr(nearest, "_SEARCH_ROWS", 4)  # nearly every query goes to the k-d tree
+    got, _ = surface._nearest(query, target, int(target.sum()), spacing, "search")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg="k-d tree")
+
+
+@pytest.mark.parametrize("method", ["search", "edt"])
+@pytest.mark.parametrize("seed", range(3))
+def test_every_method_equals_surface_distance(method, seed):
+    pytest.importorskip("surface_distance")
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(12, 36, 3))
+    spacing = tuple(float(s) for s in rng.uniform(0.4, 3.0, 3))
+    pred = _blob(rng, shape, rng.uniform(0.1, 0.4), rng.uniform(1.0, 3.0))
+    ref = _blob(rng, shape, rng.uniform(0.1, 0.4), rng.uniform(1.0, 3.0))
+    _assert_same(pred, ref, spacing, method=method)
+    far = np.zeros((40, 30, 44), bool)  # two structures ~25 voxels apart, row axis not last
+    far[2:9, 3:10, 2:12] = True
+    other = np.zeros_like(far)
+    other[28:37, 18:27, 30:41] = rng.random((9, 9, 11)) < 0.7
+    _assert_same(far, other, (0.6, 1.4, 0.9), percentiles=(95, 100), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_mask_gives_infinite_distances(method):
+    full = np.zeros((8, 9, 10), bool)
+    full[2:6, 3:7, 2:8] = True
+    d = compute_surface_distances(full, np.zeros_like(full), (1.0, 2.0, 0.5), method=method)
+    assert d.dist_pred_to_ref.size and np.isinf(d.dist_pred_to_ref).all() and d.dist_ref_to_pred.size == 0
+    assert d.methods == ("", "")  # nothing to search
+
+
+def test_cost_estimate_sends_far_surfaces_to_the_distance_transform(monkeypatch):
+    """Concentric spheres 1 voxel apart → row search; 30 voxels apart → EDT (the search would visit its
+    whole 1500-row disc and hand every query to the k-d tree)."""
+    monkeypatch.setattr(nearest, "_SAMPLE", 64)
+    grid = np.indices((72, 72, 72)) - 35.5
+    radius = np.sqrt((grid**2).sum(axis=0))
+    inner = surface._border(np.pad(radius < 6, 1))
+    spacing = np.ones(3)
+    for outer_radius, expected in ((7, "search"), (36, "edt")):
+        outer = surface._border(np.pad(radius < outer_radius, 1))
+        query = np.array(np.nonzero(outer))
+        search = nearest._RowSearch(inner, spacing)
+        assert nearest.choose_method(search, query, inner.size) == expected
+    far = compute_surface_distances(radius < 36, radius < 6, spacing)
+    assert far.methods == ("edt", "search")  # the small sphere's ~600 corners: searching them is cheaper
+    np.testing.assert_array_equal(
+        far.dist_pred_to_ref,
+        compute_surface_distances(radius < 36, radius < 6, spacing, method="search").dist_pred_to_ref,
+    )
+    with pytest.raises(ValueError, match="search, edt"):
+        nearest.nearest_offsets(query, inner, spacing, method="tree")
