@@ -9,21 +9,23 @@ memory is then bounded by the slab (:data:`medseg.inference.slabs.SLAB_VOXELS`),
 
 Two samplers give the same values:
 
-* the model grid is an axis-aligned zoom of the input grid — always, for :func:`medseg.transforms.infer_transforms`
-  (``Orientationd`` permutes and flips, ``Spacingd`` keeps the direction), so ``inv(model affine) @ input
-  affine`` is diagonal up to an axis permutation — then trilinear interpolation is *separable*: three passes of
-  1D linear interpolation (:func:`separable_resample`, float64, each pass one matrix product), instead of MONAI's
+* the model grid is an axis-aligned zoom of the input grid (:func:`axis_zoom`) — for a scan stored without
+  rotation with its axes in x, y, z order (flips allowed: LPS or RAS), since ``Orientationd`` only flips and
+  ``Spacingd`` keeps the direction — then trilinear interpolation is *separable*: three passes of 1D linear
+  interpolation (:func:`separable_resample`, float64, each pass one matrix product), instead of MONAI's
   sampler, which builds a float64 sampling grid of 3 coordinates per output voxel and gathers 8 corners per
   channel;
-* otherwise (an affine that is not such a zoom) :func:`medseg.transforms.resample.resample_to_reference`, the
-  library's one general resampler (MONAI ``SpatialResample``).
+* otherwise (an oblique scan, whose float32-stored rotation leaves ~1e-7 off the diagonal, or permuted axes)
+  :func:`medseg.transforms.resample.resample_to_reference`, the library's one general resampler (MONAI
+  ``SpatialResample``).
 
+The argmax is ``torch.max``'s (:func:`_argmax`), about 5× faster than ``torch.argmax`` over the class axis.
 Both compute the same trilinear weights for the same voxel coordinates ``inv(src) @ dst @ index``, so the label
 maps agree voxel for voxel wherever the model grid reaches, up to ties at float round-off; in the one-voxel shell
 just beyond the model grid MONAI's float64 sampler leaves round-off (~1e-17) that its argmax turns into labels,
 where the separable sampler gives exact zeros, i.e. background (:data:`SNAP`; tested). Measured on the
 512×512×300 benchmark CT (``python -m pipelines.bench_vs_monai``'s, 7 classes, model grid 124×130×168, two
-threads, under load): 2.85 s vs 4.09 s for MONAI's sampler, the argmax included.
+threads, under load): the whole restore 2.85 s, vs 4.09 s before (MONAI's sampler and ``torch.argmax``).
 
 Voxels of the input that lie outside the model grid (cropped away as air by the body crop) get probability 0
 for every class under zero padding, hence label 0 (background), as before; so only the box of input voxels the
