@@ -269,3 +269,34 @@ def test_speed_helpers_count_and_time(tmp_path):
     assert big.shape == (64, 60, 20) and data.dtype == np.int16
     assert np.allclose(np.sqrt((big.affine[:3, :3] ** 2).sum(0)), spacing / 2, atol=1e-4)
     assert data[0, 0, 0] == -1024 and data.max() > 0  # air around, the body inside
+
+
+# ---------------------------------------------------------------- the separable restore
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+def test_separable_restore_equals_monai_where_the_model_grid_reaches(orientation):
+    """Same labels as MONAI's sampler wherever the probabilities are more than round-off; outside the model
+    grid MONAI's float64 sampler leaves ~1e-17 that its argmax turns into labels, the separable one exact 0."""
+    from medseg.inference.restore import axis_zoom, restore_labels
+    from medseg.transforms.resample import resample_to_reference
+
+    oblique = _padded(orientation, ((14, 9), (11, 13), (4, 5)), seed=7)
+    sign = -1.0 if orientation == "LPS" else 1.0  # as a scanner stores it: no rotation, LPS or RAS
+    ref = nib.Nifti1Image(np.asarray(oblique.dataobj), np.diag([sign * 1.3, sign * 1.1, 2.9, 1.0]))
+    image = preprocess(ref, infer_transforms(PLAN, load=False))
+    assert axis_zoom(np.asarray(image.affine), ref.affine) is not None  # the plan's grids are an axis zoom
+    assert (
+        axis_zoom(np.asarray(preprocess(oblique, infer_transforms(PLAN, load=False)).affine), oblique.affine)
+        is None
+    )
+    logits = torch.randn((5, *image.shape[1:]), generator=torch.Generator().manual_seed(3)) * 4
+    probs = torch.softmax(torch.nn.functional.avg_pool3d(logits[None], 3, 1, 1)[0], 0)
+    fast = restore_labels(probs, image.affine, ref.affine, ref.shape, slab_voxels=3000)
+    slow = restore_labels(probs, image.affine, ref.affine, ref.shape, slab_voxels=3000, separable=False)
+    resampled = resample_to_reference(probs, image.affine, ref.affine, ref.shape)
+    largest = resampled.amax(0).numpy()
+    reached = largest > 1e-6
+    assert reached.sum() > 1000 and len(np.unique(fast[reached])) == 5
+    assert np.array_equal(fast[reached], slow[reached])
+    assert not fast[largest < 1e-12].any()  # beyond the model grid (MONAI: round-off) the separable gives 0

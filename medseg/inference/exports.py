@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.export.dicom_seg import write_dicom_seg
-from medseg.export.viewers import write_itksnap_labels, write_slicer_seg_nrrd, write_split_masks
 from medseg.inference.inputs import CaseSource
 from medseg.inference.predictor import Prediction
 from medseg.io import atomic_path, case_name, save_like
@@ -52,7 +50,14 @@ def write_case_exports(
     checkpoint: Path,
     checkpoint_sha256: str,
 ) -> tuple[dict, list[str]]:
-    """Write the requested viewer files of one case; return (the sidecar's ``exports`` entry, warnings)."""
+    """Write the requested viewer files of one case; return (the sidecar's ``exports`` entry, warnings).
+
+    The writers are imported here, not with the module: highdicom and pydicom's code dictionaries take
+    ~0.5–1.5 s to import, which a NIfTI-only ``medseg segment`` run does not need.
+    """
+    from medseg.export.dicom_seg import write_dicom_seg
+    from medseg.export.viewers import write_slicer_seg_nrrd, write_split_masks
+
     name = case_name(dst)
     exports: dict = {}
     warnings: list[str] = []
@@ -99,6 +104,8 @@ def write_case_exports(
 
 def write_folder_exports(folder: Path, label_names: dict[str, int]) -> Path:
     """The ITK-SNAP label description file of an output folder (names and colours of every label)."""
+    from medseg.export.viewers import write_itksnap_labels
+
     return write_itksnap_labels(label_names, folder / ITKSNAP_LABELS)
 
 

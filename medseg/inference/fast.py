@@ -4,7 +4,7 @@
 batch of float32 windows and returns float32 logits — what the network computes, in the chosen precision:
 
 * **precision**: ``torch.autocast`` to ``dtype`` on the windows' device (bf16 on the CPU and CUDA, fp16 on
-  CUDA), or float32 (``dtype=None``). Weights stay float32; autocast casts them once per sliding window.
+  CUDA), or float32 (``dtype=None``). Weights stay float32; autocast casts them once per window batch.
 * **output head** in float32 in a lower precision (:class:`Float32Head`);
 * **memory layout**: ``channels_last_3d`` (NDHWC) where it pays — :func:`default_channels_last` says where —
   with instance norms as the equal group norms (:func:`instance_norms_as_group_norms`).
@@ -119,10 +119,10 @@ def prepare_network(
     model = model.to(device).eval()
     if channels_last is None:
         channels_last = default_channels_last(device, dtype)
-    if dtype is not None:
+    if channels_last or dtype is not None:
         model = instance_norms_as_group_norms(model) if channels_last else copy.deepcopy(model)
-        if isinstance(getattr(model, "head", None), nn.Module):
-            model.head = Float32Head(model.head)
+    if dtype is not None and isinstance(getattr(model, "head", None), nn.Module):
+        model.head = Float32Head(model.head)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return WindowNetwork(model, dtype, channels_last)
