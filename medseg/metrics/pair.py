@@ -41,8 +41,9 @@ Speed
 :func:`evaluate_pair` computes the distances of a pair once and derives every surface metric from them.
 Each label is processed on the union bounding box of that label in prediction and reference (found for all
 labels in one pass), so 100+ label maps cost about one pass plus the work near each structure. The distance
-search is exact and its cost grows with surface area × distance, not with the volume; see
-:mod:`medseg.metrics.surface` for how it works.
+search is exact; its cost grows with surface area × distance² when surfaces are close and is bounded by a
+distance transform of the label's box when they are far apart; see :mod:`medseg.metrics.surface` and
+:mod:`medseg.metrics.nearest` for how it works.
 """
 
 from __future__ import annotations

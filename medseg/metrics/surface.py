@@ -26,19 +26,19 @@ that report HD95 / NSD, e.g. Nikolov et al. 2021):
   ``python -m pipelines.bench_metrics --tables``.
 * The distance of a border corner of one mask to the other mask is the Euclidean distance in mm to the
   nearest border corner of the other mask (``surface-distance`` runs an EDT on the border; we get the same
-  numbers without a volume-wide EDT, see below).
+  numbers, usually without one, see below).
 
 How the distances are computed fast (and exactly):
 
 1. Everything happens in the union bounding box of the two masks plus one voxel of zero padding.
 2. Border corners come from six boolean OR/AND passes; the 8-bit codes (and so the areas) are gathered only
    at border corners, not computed for the whole box.
-3. For each direction, the exact nearest border corner of the other mask is found by the cheapest of three
-   exact methods, chosen by an estimate of their cost (:mod:`medseg.metrics.nearest`): a row search whose
-   cost grows with the distance² (surfaces close together: a corner on the other surface costs one lookup),
-   a two-level tile search that prunes whole 4×4-row tiles with a lower bound (a few voxels further), and
-   scipy's Euclidean distance transform on the box — the computation ``surface-distance`` itself does, whose
-   cost is set by the box volume and so bounds the worst case (surfaces far apart).
+3. For each direction, the exact nearest border corner of the other mask is found by the cheaper of two
+   exact methods, chosen by a sampled estimate of their cost (:mod:`medseg.metrics.nearest`): a row search
+   whose cost grows with the distance² (surfaces close together: a corner on the other surface costs one
+   lookup), or scipy's Euclidean distance transform on the box — the computation ``surface-distance`` itself
+   does — whose cost is set by the box volume and so bounds the worst case (surfaces far apart). The two
+   directions run in two threads.
 4. Final distances are recomputed from the integer offsets as ``sqrt((Δ0 s0)² + (Δ1 s1)² + (Δ2 s2)²)``,
    the same arithmetic as ``scipy.ndimage.distance_transform_edt``, so values agree to the last bits.
 """
