@@ -259,6 +259,11 @@ def process_group(device_name: str) -> Iterator[Replicas]:
             dist.init_process_group("gloo")
     try:
         yield Replicas(device, dist.get_rank(), dist.get_world_size())
+        if owner:
+            # every rank's last collective (e.g. gather_object of the validation scores) has completed
+            # before any rank tears gloo down: a rank leaving early aborted with "terminate called without
+            # an active exception" while its peer was still writing files
+            dist.barrier()
     finally:
         if owner:
             dist.destroy_process_group()
