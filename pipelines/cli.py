@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -141,9 +143,31 @@ def train(
         typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    app(sys.argv[1:])
+def main(argv: list[str] | None = None) -> None:
+    """The ``medseg`` console command: run ``app``, then leave without Python's interpreter teardown.
+
+    Tearing down torch, MONAI and SciPy's ~2,500 modules takes about 1 s after the work is done
+    (``python -c "import torch, monai"``: 2.9 s to import, 1.0 s to exit, on the development machine). Every
+    file medseg writes is closed and renamed into place before a command returns, so once the command has
+    finished, the exit handlers have run and the standard streams are flushed, ``os._exit`` ends the process
+    with the command's exit code. When a thread other than the main one is still alive (a library's
+    worker that shutdown would join), the normal exit runs instead.
+    """
+    try:
+        app(sys.argv[1:] if argv is None else argv)
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if threading.active_count() > 1:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
