@@ -236,6 +236,25 @@ def test_prepared_network_layout_precision_and_output():
     assert (out16.argmax(1) == ref.argmax(1)).float().mean() > 0.98
 
 
+def test_pools_in_bf16_give_the_float32_pools_numbers_bit_for_bit():
+    from medseg.config import ModelConfig
+    from medseg.inference.fast import PoolInInputPrecision
+    from medseg.nets.registry import build_network
+
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(filters=[4, 8, 16, 32, 64]), 1, 3).eval()
+    x = torch.randn((2, 1, 32, 32, 16), generator=torch.Generator().manual_seed(3))
+    fast = prepare_network(net, torch.device("cpu"), torch.bfloat16)
+    wrapped = [m for m in fast.modules() if isinstance(m, PoolInInputPrecision)]
+    assert len(wrapped) == 4 and not any(isinstance(m, PoolInInputPrecision) for m in net.modules())
+    pooled = fast(x)
+    for parent in list(fast.modules()):  # back to autocast's float32 pools
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PoolInInputPrecision):
+                setattr(parent, name, child.pool)
+    assert torch.equal(pooled, fast(x))
+
+
 # ---------------------------------------------------------------- the benchmarks' helpers
 
 
