@@ -156,3 +156,13 @@ def test_wrong_enumerated_value_fails_at_load_time_through_the_cli(tmp_path, ove
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and valid in lines[0], out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_nifti_segmentation_path_does_not_load_the_dicom_seg_stack():
+    """highdicom and pydicom's SNOMED CT dictionary (~0.25 s) are imported only when a DICOM SEG is written."""
+    code = (
+        "import sys, medseg.inference.batch, medseg.export.qa; "
+        "print(any(m == 'highdicom' or m.startswith('pydicom.sr') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False"]

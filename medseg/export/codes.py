@@ -37,6 +37,8 @@ import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from medseg.export.names import ALIASES, normalise_name
+
 #: Segmented Property Category of every known organ (CID 7150: SCT 91723000 "Anatomical Structure").
 ANATOMICAL_STRUCTURE: Code = codes.cid7150.AnatomicalStructure
 #: Category and type of a label name that is not in the table (CID 7150 / SCT 85756007 "Tissue").
@@ -92,29 +94,6 @@ ORGANS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "urethra": ("Urethra", (124, 186, 223)),
 }
 
-#: Other spellings (after normalisation) → canonical organ name.
-ALIASES: dict[str, str] = {
-    "kidneys": "kidney",
-    "gall bladder": "gallbladder",
-    "oesophagus": "esophagus",
-    "adrenal": "adrenal gland",
-    "adrenal glands": "adrenal gland",
-    "suprarenal gland": "adrenal gland",
-    "small bowel": "small intestine",
-    "bowel small": "small intestine",
-    "large bowel": "large intestine",
-    "bladder": "urinary bladder",
-    "lungs": "lung",
-    "ivc": "inferior vena cava",
-    "vena cava inferior": "inferior vena cava",
-    "svc": "superior vena cava",
-    "vertebrae": "vertebra",
-    "ribs": "rib",
-    "thyroid gland": "thyroid",
-    "iliac artery common": "common iliac artery",
-    "iliac vein common": "common iliac vein",
-}
-
 _SIDES = {"left": LEFT, "l": LEFT, "lt": LEFT, "right": RIGHT, "r": RIGHT, "rt": RIGHT}
 #: Slicer GenericAnatomyColors "region 0" … "region 15": colours for names not in the table.
 REGION_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -154,12 +133,6 @@ def rgb_to_dicom_cielab(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """sRGB (0–255) → the three unsigned 16-bit values DICOM stores (PS3.3 C.10.7.1.1): L* scaled from
     0–100, a* and b* shifted by 128 and scaled from 0–255, each to 0–65535."""
     return hd.color.CIELabColor.from_rgb(*rgb).value
-
-
-def normalise_name(name: str) -> str:
-    """``"Kidney_Right"``, ``"kidney-right"``, ``"KidneyRight"`` → ``"kidney right"``."""
-    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", str(name))
-    return " ".join(re.split(r"[\s_.\-]+", spaced.lower())).strip()
 
 
 def _split_side(words: list[str]) -> tuple[list[str], Code | None]:

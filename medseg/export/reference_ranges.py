@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from medseg.export.codes import ALIASES, normalise_name
+from medseg.export.names import ALIASES, normalise_name
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ _KIDNEY = (
 )
 _PANCREAS = "Saisho et al., Clin Anat 2007;20(8):933-942 (pancreas volumes from birth to age 100)"
 
-#: Default ranges by normalised organ name (:func:`medseg.export.codes.normalise_name`). ``kidney`` is one
+#: Default ranges by normalised organ name (:func:`medseg.export.names.normalise_name`). ``kidney`` is one
 #: kidney (a label with a side); ``kidneys`` a label holding both.
 DEFAULT_RANGES: dict[str, ReferenceRange] = {
     "liver": ReferenceRange(1000.0, 2500.0, _LIVER),
