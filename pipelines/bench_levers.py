@@ -41,6 +41,7 @@ def _variants(base, batch: int, args) -> dict:
     """name → (callable, batch): each callable runs one forward of its batch of windows."""
     from medseg.inference.fast import (
         Float32Head,
+        PoolInInputPrecision,
         WindowNetwork,
         instance_norms_as_group_norms,
         prepare_network,
@@ -60,6 +61,11 @@ def _variants(base, batch: int, args) -> dict:
             return pure(x.to(bf16).contiguous(memory_format=cl)).float()
 
     default = prepare_network(base, cpu, bf16)
+    float32_pools = prepare_network(base, cpu, bf16)  # the default before the pools ran in bf16
+    for parent in list(float32_pools.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PoolInInputPrecision):
+                setattr(parent, name, child.pool)
 
     def run_inference_mode(x):
         with torch.inference_mode():
@@ -74,7 +80,8 @@ def _variants(base, batch: int, args) -> dict:
         "bf16 autocast": (autocast_net(copy.deepcopy(base), False), batch),
         "bf16 autocast channels-last": (autocast_net(copy.deepcopy(base), True), batch),
         "bf16 autocast channels-last + group norm": (autocast_net(no_head, True), batch),
-        "default (+ head in fp32)": (default, batch),
+        "+ head in fp32 (max pools in fp32: autocast's)": (float32_pools, batch),
+        "default (+ max pools in bf16)": (default, batch),
         "pure bf16 weights": (run_pure, batch),
         "default, inference_mode": (run_inference_mode, batch),
         "default, window batch 1": (default, 1),
