@@ -115,10 +115,17 @@ def test_modules_stay_small():
     assert not big
 
 
-def test_cli_help_does_not_import_torch():
-    code = "import sys, pipelines.cli; print('torch' in sys.modules, 'monai' in sys.modules)"
+def _printed(code: str) -> list[str]:
+    """What ``python -c code`` prints in a fresh interpreter (so ``sys.modules`` starts empty), split."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["False", "False"]
+    return out.stdout.split()
+
+
+def test_cli_help_does_not_import_torch():
+    assert _printed("import sys, pipelines.cli; print('torch' in sys.modules, 'monai' in sys.modules)") == [
+        "False",
+        "False",
+    ]
 
 
 def test_config_and_registry_load_without_torch():
@@ -127,8 +134,7 @@ def test_config_and_registry_load_without_torch():
         "import sys; from medseg.config import load_config; load_config(None, ['model.bottleneck=pam']); "
         "import medseg.nets.registry; print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["False"]
+    assert _printed(code) == ["False"]
 
 
 @pytest.mark.parametrize(
@@ -164,5 +170,4 @@ def test_nifti_segmentation_path_does_not_load_the_dicom_seg_stack():
         "import sys, medseg.inference.batch, medseg.export.qa; "
         "print(any(m == 'highdicom' or m.startswith('pydicom.sr') for m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["False"]
+    assert _printed(code) == ["False"]

@@ -103,10 +103,12 @@ def _best_seconds(fn, repeats: int) -> float:
 
 
 def gemm_peak_gflops(
-    dtype: torch.dtype, n: int | None = None, repeats: int = 5, device: str = "cpu"
+    dtype: torch.dtype, n: int | None = None, repeats: int = 20, device: str = "cpu"
 ) -> float:
     """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each);
-    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy)."""
+    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy). Twenty products
+    (about 1 s in bf16 on two cores) so that a moment of load from another process cannot halve the peak
+    and inflate every percentage computed from it (five once gave 206 instead of 409 GFLOP/s)."""
     n = n or (2048 if torch.device(device).type == "cpu" else 8192)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
