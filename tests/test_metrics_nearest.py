@@ -4,6 +4,8 @@ estimate sends close surfaces to the search and far ones to the distance transfo
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -50,6 +52,10 @@ def test_every_method_equals_brute_force(seed, monkeypatch):
     for method in METHODS:
         got, _ = surface._nearest(query, target, int(target.sum()), spacing, method)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=method)
+    monkeypatch.setattr(nearest, "_SPLIT_MIN_QUERIES", 1)  # halves searched in two threads, concatenated
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        got, _ = surface._nearest(query, target, int(target.sum()), spacing, "search", pool)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg="search in two halves")
     monkeypatch.setattr(nearest, "_SEARCH_ROWS", 4)  # nearly every query goes to the k-d tree
     got, _ = surface._nearest(query, target, int(target.sum()), spacing, "search")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg="k-d tree")
@@ -102,3 +108,14 @@ def test_cost_estimate_sends_far_surfaces_to_the_distance_transform(monkeypatch)
     )
     with pytest.raises(ValueError, match="search, edt"):
         nearest.nearest_offsets(query, inner, spacing, method="tree")
+
+
+def test_two_threads_give_the_one_thread_distances(monkeypatch):
+    """Masks above the threading threshold: sides and half-searches in two threads, the same values."""
+    pa, pb, spacing = _pair(1)
+    one = compute_surface_distances(pa, pb, spacing)
+    monkeypatch.setattr(surface, "_THREAD_MIN_CORNERS", 0)
+    monkeypatch.setattr(nearest, "_SPLIT_MIN_QUERIES", 1)
+    two = compute_surface_distances(pa, pb, spacing)
+    for field in ("dist_pred_to_ref", "area_pred", "dist_ref_to_pred", "area_ref"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(two, field), err_msg=field)
