@@ -33,7 +33,9 @@ trains in float32 (and says why) and an explicit ``bf16`` is refused.
 
 Measured on the 2-core AVX-512-BF16 machine (``python -m pipelines.bench_train``; see the README): the
 default Attention U-Net's step (batch 2, 96×96×64, deep supervision) is about 2× faster in bf16 than in
-float32, and the demo's held-out Dice is unchanged within run-to-run noise.
+float32. The demo trained both ways with three seeds (train.seed 0, 7, 11) gave held-out pancreas Dice
+0.607 / 0.812 / 0.834 in bf16 vs 0.695 / 0.815 / 0.829 in float32 (mean of the 6 labels 0.888 / 0.927 / 0.934
+vs 0.906 / 0.925 / 0.930): equal on two seeds, one seed lower in bf16 by less than the spread between seeds.
 """
 
 from __future__ import annotations
