@@ -21,11 +21,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from pipelines.benchkit import timed_child
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 
@@ -40,17 +40,6 @@ def _setup(work: Path, cases: int) -> tuple[Path, Path]:
         if not ct.is_file():
             clinical_size_ct(REAL_CT, ct, shift=(17 * i - 25, 11 * i - 15, 9 * i - 12))
     return folder, random_checkpoint(work / "bench.pt", 7)
-
-
-def _run(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()}")
-    return wall, usage.ru_maxrss / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         _setup(work, args.cases)
         return
     try:  # the folder and checkpoint in a child, so that this process stays small
-        _run([sys.executable, "-m", "pipelines.bench_batch", "--setup", "--keep", str(work),
+        timed_child([sys.executable, "-m", "pipelines.bench_batch", "--setup", "--keep", str(work),
               "--cases", str(args.cases)], env, work / "setup.log")  # fmt: skip
         folder, ckpt = work / "cts", work / "bench.pt"
         print(
@@ -94,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = work / f"out_{prefetch}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [*cli, "-o", str(out), "--prefetch", str(prefetch), "--profile"]
-                wall, peak = _run(cmd, env, work / f"run{run}_prefetch{prefetch}.log")
+                wall, peak, _ = timed_child(cmd, env, work / f"run{run}_prefetch{prefetch}.log")
                 walls[prefetch].append(wall)
                 print(
                     f"  run {run + 1} --prefetch {prefetch}: {wall:.1f} s, {3600 * args.cases / wall:.0f} cases/h, "

@@ -13,8 +13,8 @@ the real command line in a child process,
     medseg segment -i ct.nii.gz -o mask.nii.gz -m bench.pt --device cpu --precision P [--tta]
 
 with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``, and prints the child's peak resident memory
-(``ru_maxrss`` of ``resource.getrusage(RUSAGE_CHILDREN)``: the largest RSS the child reached, i.e. what
-``/usr/bin/time -v`` calls "Maximum resident set size") and its wall time. Stage times and the running peak
+(the child's own ``ru_maxrss`` from ``os.wait4``, :func:`pipelines.benchkit.timed_child`: the largest RSS it
+reached, i.e. what ``/usr/bin/time -v`` calls "Maximum resident set size") and its wall time. Stage times and the running peak
 RSS after each stage are ``Prediction.info`` as the command records it in the mask's JSON sidecar
 (``"inference"``); when a sidecar lacks them a second child calls :class:`medseg.inference.Predictor` directly on
 the same files to print them (``--no-stages`` skips that). It is a script, not a timed test.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.benchkit import timed_child
 
 SPACING = (0.8, 0.8, 1.5)
 
@@ -122,16 +123,8 @@ def run_cli(ct: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> tuple[
     if args.tta:
         cmd += ["--tta"]
     print("$ " + " ".join(cmd), flush=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=_child_env(args.threads), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if proc.returncode != 0:
-        raise SystemExit(f"medseg segment failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    if peak_kib <= before:  # an earlier child was larger: ru_maxrss is the largest child so far
-        print("note: an earlier child process had a larger RSS; the peak below is that child's")
-    return peak_kib / 2**20, wall, proc.stdout + proc.stderr
+    wall, peak_gb, output = timed_child(cmd, _child_env(args.threads), out.parent / "segment.log")
+    return peak_gb, wall, output
 
 
 _STAGES = """

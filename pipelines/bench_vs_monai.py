@@ -34,33 +34,19 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.benchkit import timed_child
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 SPACING = (0.8, 0.8, 1.5)
 SHAPE = (512, 512, 300)
 QUICK_SHAPE = (256, 256, 64)
 PATCH = (96, 96, 64)
-
-
-def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, str]:
-    """Run ``cmd``; return (wall seconds, the child's own peak RSS in GB, its output). Exits on failure."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    output = log.read_text()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{output}")
-    return wall, usage.ru_maxrss / 2**20, output  # KiB on Linux
 
 
 def windows(grid, patch=PATCH, overlap: float = 0.5) -> int:
@@ -152,7 +138,7 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
     cmd += ["--device", args.device]
     cmd += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    run_child(cmd, env, work / "setup.log")
+    timed_child(cmd, env, work / "setup.log")
     return json.loads((work / "setup.json").read_text())
 
 
@@ -215,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                     cmd = [sys.executable, "-m", "pipelines.monai_recipe", str(ct), str(out)]
                     cmd += ["--classes", str(args.classes), "--threads", str(args.threads)]
                     cmd += ["--precision", args.monai_precision, "--device", args.device]
-                wall, peak, output = run_child(cmd, env, work / f"{who}_{run}.log")
+                wall, peak, output = timed_child(cmd, env, work / f"{who}_{run}.log")
                 times[who].append(wall)
                 peaks[who].append(peak)
                 if who == "medseg":
@@ -237,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             "--device",
             args.device,
         ]
-        wall32, peak32, _ = run_child([*cmd, "--precision", "fp32"], env, work / "medseg_fp32.log")
+        wall32, peak32, _ = timed_child([*cmd, "--precision", "fp32"], env, work / "medseg_fp32.log")
         print(f"  medseg --precision fp32 {wall32:6.1f} s, peak RSS {peak32:.2f} GB", flush=True)
 
         import nibabel as nib
