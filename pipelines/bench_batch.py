@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.benchkit import timed_child
+from medseg.engine.speed import timed_child
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 

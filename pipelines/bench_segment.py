@@ -13,7 +13,7 @@ the real command line in a child process,
     medseg segment -i ct.nii.gz -o mask.nii.gz -m bench.pt --device cpu --precision P [--tta]
 
 with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``, and prints the child's peak resident memory
-(the child's own ``ru_maxrss`` from ``os.wait4``, :func:`pipelines.benchkit.timed_child`: the largest RSS it
+(the child's own ``ru_maxrss`` from ``os.wait4``, :func:`medseg.engine.speed.timed_child`: the largest RSS it
 reached, i.e. what ``/usr/bin/time -v`` calls "Maximum resident set size") and its wall time. Stage times and the running peak
 RSS after each stage are ``Prediction.info`` as the command records it in the mask's JSON sidecar
 (``"inference"``); when a sidecar lacks them a second child calls :class:`medseg.inference.Predictor` directly on
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchkit import timed_child
+from medseg.engine.speed import timed_child
 
 SPACING = (0.8, 0.8, 1.5)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchkit import timed_child
+from medseg.engine.speed import timed_child
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 SPACING = (0.8, 0.8, 1.5)

@@ -319,3 +319,19 @@ def test_separable_restore_equals_monai_where_the_model_grid_reaches(orientation
     assert reached.sum() > 1000 and len(np.unique(fast[reached])) == 5
     assert np.array_equal(fast[reached], slow[reached])
     assert not fast[largest < 1e-12].any()  # beyond the model grid (MONAI: round-off) the separable gives 0
+
+
+def test_timed_child_reports_its_own_peak_and_output(tmp_path):
+    import os
+    import sys
+
+    from medseg.engine.speed import timed_child
+
+    big = "import numpy as np; a = np.ones(150 * 2**20 // 8); print('held', a.nbytes)"
+    wall, peak_gb, output = timed_child([sys.executable, "-c", big], dict(os.environ), tmp_path / "a.log")
+    assert output.startswith("held") and wall > 0 and 0.15 < peak_gb < 2
+    small = [sys.executable, "-c", "print('small')"]
+    _, small_gb, _ = timed_child(small, dict(os.environ), tmp_path / "b.log")
+    assert small_gb < peak_gb - 0.1  # this child's own peak, not the largest child's so far
+    with pytest.raises(SystemExit, match="exit 3"):
+        timed_child([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "c.log")
