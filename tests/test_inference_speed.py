@@ -335,3 +335,4 @@ def test_timed_child_reports_its_own_peak_and_output(tmp_path):
     assert small_gb < peak_gb - 0.1  # this child's own peak, not the largest child's so far
     with pytest.raises(SystemExit, match="exit 3"):
         timed_child([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "c.log")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.log", "b.log", "c.log"]  # no .maxrss left

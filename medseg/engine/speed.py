@@ -195,8 +195,8 @@ def timed_child(cmd: Sequence[str], env: dict[str, str], log: Path) -> tuple[flo
         )
     wall = time.perf_counter() - t0
     output = Path(log).read_text()
+    peak = rss_file.read_text() if rss_file.is_file() else ""
+    rss_file.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{output}")
-    peak_kib = int(rss_file.read_text())
-    rss_file.unlink()
-    return wall, peak_kib / 2**20, output  # ru_maxrss is in KiB on Linux
+    return wall, int(peak) / 2**20, output  # ru_maxrss is in KiB on Linux
