@@ -12,13 +12,13 @@ checked (every problem at once) by :func:`medseg.data.check.check_dataset`.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 from medseg.data.nnunet import channel_names, detect_layout, nnunet_training_cases
 from medseg.io import InputError, UnsafePathError, case_name, resolve_inside
+from medseg.io.jsonfile import read_json
 from medseg.io.labels import parse_label_names
 
 #: The two keys of a training entry, in the order they are checked.
@@ -47,14 +47,7 @@ def read_dataset_json(root: str | os.PathLike) -> dict:
     if not path.is_file():
         what = "is not a file" if path.exists() else "not found"
         raise InputError(f"{path}: dataset.json {what} (expected an MSD dataset folder)")
-    try:
-        meta = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
+    meta = read_json(path, "dataset.json")
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object at the top level, found {type(meta).__name__}")
     missing = [key for key in ("labels",) if key not in meta]

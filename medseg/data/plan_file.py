@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medseg.data.planner import divisors
 from medseg.io import InputError
+from medseg.io.jsonfile import read_json
 
 #: Keys a plan must hold to train with it (``planner`` and ``fingerprint`` are informative only).
 REQUIRED_KEYS = (
@@ -130,16 +131,7 @@ def read_plan(path: str | os.PathLike, steps: int, labels: dict[str, int], chann
         InputError: unreadable or invalid JSON, or a plan with problems — every problem in one line.
     """
     path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: plan file not found") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the plan ({exc})") from None
+    plan = read_json(path, "plan file")
     problems = plan_problems(plan, steps, labels, channels)
     if problems:
         raise InputError(f"{path}: {'; '.join(problems)}")
