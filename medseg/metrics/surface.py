@@ -340,7 +340,7 @@ def _distances_padded(
         (border_p, q_p, area_p), (border_r, q_r, area_r) = _side(pp, table), _side(pr, table)
         d_pr, m_pr = _nearest(q_p, border_r, q_r.shape[1], spacing, method)
         d_rp, m_rp = _nearest(q_r, border_p, q_p.shape[1], spacing, method)
-    else:  # two threads throughout: numpy releases the GIL in the gathers and reductions
+    else:  # two threads throughout: numpy and the compiled search release the GIL
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(_side, pr, table)
             border_p, q_p, area_p = _side(pp, table)
