@@ -15,7 +15,7 @@ It prints the best-of-``--repeat`` time of each and the ratios measured in this 
 the machine: compare ratios, not absolute times across runs), and checks that HD95 / NSD / the directed mean
 distances agree with surface-distance. It is a script, not a timed test.
 
-    python -m pipelines.bench_metrics --pairs [--gaps 2 6 8 12 30 36] [--repeat 2] [--methods]
+    python -m pipelines.bench_metrics --pairs [--gaps 2 6 8 12 30 36] [--repeat 2] [--methods] [--loop auto]
 
 instead times pairs whose surfaces are a given number of voxels apart: the reference ellipsoid, and the same
 ellipsoid grown by LO, (LO+HI)/2 and HI voxels along the three axes (so its surface lies LO-HI voxels
@@ -23,7 +23,9 @@ outside). For each pair, medseg's ``evaluate_pair`` and MONAI's HD95 alternate (
 ``--repeat``); it prints both times, the ratio, the nearest-corner method the cost estimate chose per
 direction (:mod:`medseg.metrics.nearest`) and the agreement with surface-distance. ``--methods`` also times
 ``compute_surface_distances`` with each method forced (the row search on the far pair takes minutes: that is
-the worst case the estimate avoids).
+the worst case the estimate avoids). ``--loop numpy|compiled`` forces the row search's loop (default
+``auto``: numpy until the process's searches would have paid for loading the compiled one, see
+:mod:`medseg.metrics.nearest`); each row lists every medseg run and the loop in use after the pair.
 
     python -m pipelines.bench_metrics --tables [--spacings 200]
 
@@ -110,6 +112,8 @@ def bench_pairs(args) -> int:
                 results[name] = fn()
                 times[name].append((time.perf_counter() - t0, time.process_time() - c0))
         (w_ours, c_ours), (w_monai, c_monai) = min(times["medseg"]), min(times["monai"])
+        runs = ", ".join(f"{w:.3f}" for w, _ in times["medseg"])
+        loop = "compiled" if "medseg.metrics.rowscan" in sys.modules else "numpy"
         ours, hd_monai = results["medseg"], results["monai"]
         methods = "/".join(compute_surface_distances(pred, ref, spacing).methods)
         print(
@@ -117,6 +121,7 @@ def bench_pairs(args) -> int:
             f"{w_monai / w_ours:.1f}x ({c_monai / c_ours:.1f}x) | {ours['hd95']:.3f} / {hd_monai:.3f} mm | {methods}",
             flush=True,
         )
+        print(f"    medseg runs {runs} s; row-search loop now: {loop}", flush=True)
         for method in ("search", "edt") if args.methods else ():
             t0 = time.perf_counter()
             compute_surface_distances(pred, ref, spacing, method=method)
@@ -296,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", action="store_true", help="time shell pairs --gaps voxels apart instead")
     parser.add_argument("--gaps", type=float, nargs="+", default=[2, 6, 8, 12, 30, 36], help="LO HI ...")
     parser.add_argument("--methods", action="store_true", help="--pairs: also time each method forced")
+    parser.add_argument(
+        "--loop", choices=("auto", "numpy", "compiled"), default="auto", help="row-search loop"
+    )
     args = parser.parse_args(argv)
+    from medseg.metrics import nearest
+
+    nearest._LOOP = args.loop
     if args.tables:
         return bench_tables(args.spacings)
     if args.pairs:

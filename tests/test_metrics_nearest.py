@@ -50,8 +50,10 @@ def test_every_method_equals_brute_force(seed, monkeypatch):
     query, target = np.array(np.nonzero(surface._border(pa))), surface._border(pb)
     want = _brute_force(query, target, spacing)
     for method in METHODS:
-        got, _ = surface._nearest(query, target, int(target.sum()), spacing, method)
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=method)
+        for loop in ("numpy", "compiled"):
+            monkeypatch.setattr(nearest, "_LOOP", loop)
+            got, _ = surface._nearest(query, target, int(target.sum()), spacing, method)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"{method}, {loop} loop")
     monkeypatch.setattr(nearest, "_SPLIT_MIN_QUERIES", 1)  # halves searched in two threads, concatenated
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         got, _ = surface._nearest(query, target, int(target.sum()), spacing, "search", pool)
@@ -119,3 +121,61 @@ def test_two_threads_give_the_one_thread_distances(monkeypatch):
     two = compute_surface_distances(pa, pb, spacing)
     for field in ("dist_pred_to_ref", "area_pred", "dist_ref_to_pred", "area_ref"):
         np.testing.assert_array_equal(getattr(one, field), getattr(two, field), err_msg=field)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_loop_returns_the_numpy_loops_rows(seed):
+    """The compiled row loop and the numpy one pick the same row and offset for every query, not only the
+    same distance (the k-d tree fallback and the distance arithmetic then see identical inputs)."""
+    pa, pb, spacing = _pair(seed)
+    query, target = np.array(np.nonzero(surface._border(pa))), surface._border(pb)
+    search = nearest._RowSearch(target, spacing)
+    d2_numpy, delta_numpy = search.offsets(query, compiled=False)
+    d2_compiled, delta_compiled = search.offsets(query, compiled=True)
+    np.testing.assert_array_equal(d2_compiled, d2_numpy)
+    np.testing.assert_array_equal(delta_compiled, delta_numpy)
+
+
+_RENT_OR_BUY = """
+import sys
+import numpy as np
+from medseg.metrics import evaluate_pair, nearest
+
+grid = np.sqrt(((np.indices((64, 64, 64)) - 31.5) ** 2).sum(axis=0))
+inner, small = grid < 20, grid < 3
+loaded = lambda: "medseg.metrics.rowscan" in sys.modules
+for _ in range(3):  # ~100 queries: nothing to sample, nothing to price, never worth loading
+    evaluate_pair(grid < 4, small, (1.0, 1.0, 1.0))
+assert not loaded() and nearest._forgone_ns == 0.0, nearest._forgone_ns
+nearest._LOOP = "numpy"
+want = evaluate_pair(grid < 26, inner, (1.0, 1.0, 1.0))
+nearest._LOOP, nearest._forgone_ns = "auto", 0.0
+nearest._NS_LOAD_COMPILED = float(sys.argv[1])
+runs = []
+for _ in range(4):
+    got = evaluate_pair(grid < 26, inner, (1.0, 1.0, 1.0))
+    assert got == want, (got, want)
+    runs.append(loaded())
+print(runs, nearest._forgone_ns)
+"""
+
+
+def test_process_switches_to_the_compiled_loop_once_numpy_searches_would_have_paid_for_it():
+    """Ski rental (module docstring): searches run in numpy until what the compiled loop would have saved on
+    them reaches its one-off cost; the search that crosses it loads the loop, and every later one uses it. Fresh
+    processes, because a loaded loop stays loaded."""
+    import subprocess
+    import sys
+
+    def runs(load_ns: float) -> tuple[list[bool], float]:
+        out = subprocess.run(
+            [sys.executable, "-c", _RENT_OR_BUY, str(load_ns)], capture_output=True, text=True, check=True
+        ).stdout.split("[")[-1]
+        flags, spent = out.split("]")
+        return [f.strip() == "True" for f in flags.split(",")], float(spent)
+
+    never, per_pair = runs(float("inf"))
+    assert never == [False] * 4 and per_pair > 0
+    per_pair /= 4  # what the compiled loop would save on one evaluation (two directions)
+    assert runs(2.5 * per_pair)[0] == [False, False, True, True]
+    assert runs(0.0)[0] == [True] * 4
