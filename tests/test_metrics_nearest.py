@@ -179,3 +179,29 @@ def test_process_switches_to_the_compiled_loop_once_numpy_searches_would_have_pa
     per_pair /= 4  # what the compiled loop would save on one evaluation (two directions)
     assert runs(2.5 * per_pair)[0] == [False, False, True, True]
     assert runs(0.0)[0] == [True] * 4
+
+
+_NO_CACHE = """
+import numpy as np
+from numba.core.caching import FunctionCache
+
+FunctionCache._impl_class._locator_classes = []  # no writable cache folder anywhere (read-only install)
+from medseg.metrics import nearest, rowscan, surface
+
+assert type(rowscan.scan_rows._cache).__name__ == "NullCache"
+grid = np.sqrt(((np.indices((30, 30, 30)) - 14.5) ** 2).sum(axis=0))
+query = np.array(np.nonzero(surface._border(np.pad(grid < 12, 1))))
+search = nearest._RowSearch(surface._border(np.pad(grid < 8, 1)), np.ones(3))
+d2, _ = search.offsets(query, compiled=True)
+np.testing.assert_array_equal(d2, search.offsets(query, compiled=False)[0])
+print("ok")
+"""
+
+
+def test_compiled_loop_without_a_writable_cache_folder_compiles_per_process():
+    """numba refuses ``cache=True`` when no cache folder is writable; the loop is then compiled in memory."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _NO_CACHE], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
