@@ -43,9 +43,9 @@ corner along the row axis (exact, ~2× fewer lookups at 8-12 voxels) measured 7 
 40 % slower at 2-6 voxels than the row search (numpy overhead per tile); scipy's k-d tree for all queries was
 2-3× slower than the row search at 8-12 voxels; numba always (the one-off cost made `medseg evaluate` of 4
 phantom cases 3.4-3.7 → 4.1-4.8 s); in the compiled loop, an unpadded ``G`` with bounds checks and a
-12,000-row disc (8 % slower a row; it would have let the search replace the EDT up to ~40 voxels) and
-``G`` stored row axis first so that a disc's rows share cache lines (the copy costs more than it saves
-below ~20 voxels).
+12,000-row disc (8 % slower a row at 8-12 voxels; at 30-36 voxels it beat the EDT, 6.8 vs 14.4 s in one run
+on a loaded machine, not re-measured) and ``G`` stored row axis first so that a disc's rows share cache lines
+(at 8-12 voxels the copy cost 0.13 s and saved 0.03 s).
 """
 
 from __future__ import annotations
@@ -283,6 +283,17 @@ def _cheaper(rows: float, far: float, box_voxels: int, threads: int, compiled: b
     return "edt" if box_voxels * _NS_PER_EDT_VOXEL < search_ns else "search"
 
 
+def _searched_offsets(
+    search: _RowSearch, q: np.ndarray, shape: tuple[int, ...], spacing: np.ndarray, pool, compiled: bool
+) -> np.ndarray:
+    """The row search's offsets, with the k-d tree for the queries it left undecided."""
+    d2, delta = _search_offsets(search, q, pool, compiled)
+    undecided = np.flatnonzero(np.isinf(d2))
+    if undecided.size:
+        delta[:, undecided] = _kdtree_offsets(search.target_idx, shape, spacing, q[:, undecided])
+    return delta
+
+
 def nearest_offsets(
     query: np.ndarray, target_border: np.ndarray, spacing, method: str = "auto", pool=None
 ) -> tuple[np.ndarray, str]:
@@ -306,25 +317,20 @@ def nearest_offsets(
     perm = [ax for ax in range(3) if ax != row_axis] + [row_axis]
     border = target_border if perm == [0, 1, 2] else np.ascontiguousarray(target_border.transpose(perm))
     s_perm, q = spacing[perm], query[perm]
-    search = _RowSearch(border, s_perm) if method != "edt" else None
-    if method != "edt":
+    search = None if method == "edt" else _RowSearch(border, s_perm)
+    if search is not None:
         rows, far = _predict(search, q)
         compiled = _compiled_loaded()
-    if method == "auto":
-        threads = 2 if pool is not None and q.shape[1] >= 2 * _SPLIT_MIN_QUERIES else 1
-        method = _cheaper(rows, far, border.size, threads, compiled)
+        threads = 2 if pool is not None and q.shape[1] >= 2 * _SPLIT_MIN_QUERIES else 1  # _search_offsets
+        if method == "auto":
+            method = _cheaper(rows, far, border.size, threads, compiled)
     if method == "edt":
         delta = _edt_offsets(border, s_perm, q)
     else:
         if not compiled:  # what the compiled loop would save on this search, in wall time
             saving = _search_ns(rows, far, compiled=False) - _search_ns(rows, far, compiled=True)
-            compiled = _rent_or_buy(
-                saving / (2 if pool is not None and q.shape[1] >= 2 * _SPLIT_MIN_QUERIES else 1)
-            )
-        d2, delta = _search_offsets(search, q, pool, compiled)
-        undecided = np.flatnonzero(np.isinf(d2))
-        if undecided.size:
-            delta[:, undecided] = _kdtree_offsets(search.target_idx, border.shape, s_perm, q[:, undecided])
+            compiled = _rent_or_buy(saving / threads)
+        delta = _searched_offsets(search, q, border.shape, s_perm, pool, compiled)
     out = np.empty_like(delta)
     out[perm] = delta
     return out, method
