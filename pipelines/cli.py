@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -143,6 +144,25 @@ def train(
         typer.echo(f"run folder: {out}  (best.pt, last.pt, metrics.csv, curves.png, config.yaml)")
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A ``BaseException`` (like ``KeyboardInterrupt``, but not caught by Click,
+    which would print "Aborted!" and exit 1): every ``finally`` and context manager on the way up runs —
+    the batch lanes finish the case being written, atomic writes drop their temporary file, an archive's
+    extraction folder is removed — and :func:`main` exits ``128 + signal``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame) -> None:
+    """The first SIGINT/SIGTERM raises :class:`Interrupted`; later ones are ignored, so that a second
+    Ctrl-C or ``kill`` cannot cut the clean-up short (SIGKILL still can)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``medseg`` console command: run ``app``, then leave without Python's interpreter teardown.
 
@@ -153,11 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     with the command's exit code. When a thread other than the main one is still alive (a library's
     worker that shutdown would join), the normal exit runs instead.
     """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
     try:
         app(sys.argv[1:] if argv is None else argv)
         code: int | str | None = 0
     except SystemExit as exc:
         code = exc.code
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(
+            f"interrupted ({name}): stopped after the current write; nothing is half-written and temporary "
+            "files are removed. Run the same command again to continue (a batch keeps its finished cases; "
+            "train resumes from last.pt with --resume).",
+            file=sys.stderr,
+        )
+        code = 128 + exc.signum
     if threading.active_count() > 1:
         sys.exit(code)
     if isinstance(code, str):

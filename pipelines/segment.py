@@ -2,8 +2,10 @@
 
 Progress lines go to stdout (and a progress bar to stderr when it is a terminal); problems to stderr, one
 line each: ``warning: <file>: <text>`` (also for DICOM series skipped as not CT) and, for every case that
-failed, ``error: <file>: <cause>``. Exit 0 all done, 1 some cases failed (the others written), 2 the run
-could not start (missing input, unusable checkpoint or option, bad output, unsafe archive).
+failed, ``error: <file>: <cause>``. Exit 0 all done, 1 some cases failed (the others written; a case whose
+mask was written but whose DICOM SEG could not be made counts as failed), 2 the run could not start
+(missing input, unusable checkpoint or option, an output folder that cannot be written, unsafe archive),
+130 / 143 stopped by SIGINT / SIGTERM (after the case being written; temporary files removed).
 """
 
 from __future__ import annotations
@@ -168,9 +170,17 @@ def segment_command(
         typer.echo(f"statistics: {report.statistics_csv}")
     if report.review_page is not None:
         typer.echo(f"review page: {report.review_page}")
+    for src, holder in report.claimed.items():
+        typer.echo(f"warning: {src}: left to {holder}, which claimed it", err=True)
     typer.echo(
         f"{len(report.written)} written, {len(report.failed)} failed, {len(report.skipped)} skipped, "
         f"{len(report.skipped_modality)} skipped-modality"
+        + (f", {len(report.claimed)} claimed by another run" if report.claimed else "")
+        + (
+            f" ({len(report.failed_exports)} of the failed: mask written, export failed)"
+            if report.failed_exports
+            else ""
+        )
     )
     if report.failed:
         raise typer.Exit(1)

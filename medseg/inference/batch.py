@@ -51,12 +51,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from medseg.inference.batch_cases import BatchRun, SegmentReport
+from medseg.inference.batch_cases import BatchRun, SegmentReport, no_space
 from medseg.inference.ensemble import check_single_channel
-from medseg.inference.exports import parse_output_types, write_folder_exports
+from medseg.inference.exports import ITKSNAP_LABELS, parse_output_types, write_folder_exports
 from medseg.inference.inputs import (
     CaseSource,
     opened_cases,
@@ -65,15 +65,15 @@ from medseg.inference.inputs import (
 )
 from medseg.inference.inputs import source_stamp as source_stamp
 from medseg.inference.manifest import MANIFEST_NAME, Manifest
+from medseg.inference.outputs import STATISTICS_CSV, output_path_for, write_statistics_table
 from medseg.inference.outputs import is_complete as is_complete
-from medseg.inference.outputs import output_path_for, write_statistics_table
 from medseg.inference.outputs import read_sidecar as read_sidecar
 from medseg.inference.outputs import sidecar_path as sidecar_path
 from medseg.inference.outputs import statistics_path as statistics_path
 from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Predictor
 from medseg.inference.sharding import Part
 from medseg.io import InputError, is_nifti
-from medseg.io.atomic import remove_stale_temps
+from medseg.io.atomic import check_writable, remove_stale_temps
 
 
 def _jsonable(mode: str | Mapping) -> str | dict:
@@ -109,6 +109,12 @@ def _prepare_output(input_path: Path, output: Path, single: bool) -> Path:
         raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     if not folder.is_dir():
         raise InputError(f"{folder}: output exists and is not a folder")
+    try:
+        check_writable(folder)
+    except OSError as exc:
+        raise InputError(
+            f"{folder}: the output folder cannot be written ({exc.strerror or exc}); nothing was done"
+        ) from None
     if input_path.is_dir() and os.path.samefile(folder, input_path):
         raise InputError(f"{folder}: output folder is the input folder; masks would be taken for scans")
     if single and is_nifti(output) and output.exists() and os.path.samefile(output, input_path):
@@ -248,14 +254,47 @@ def segment_inputs(
         if part.count > 1:
             log(f"{part}: {len(mine)} of {len(cases)} cases")
         if not single:
-            batch.manifest = stack.enter_context(Manifest(folder / MANIFEST_NAME, part.index, part.count))
+            try:
+                manifest = Manifest(folder / MANIFEST_NAME, part.index, part.count)
+            except OSError as exc:
+                raise InputError(f"{folder / MANIFEST_NAME}: cannot open ({exc.strerror or exc})") from None
+            batch.manifest = stack.enter_context(manifest)
         batch.run(mine, progress)
-    if statistics and not single:
-        report.statistics_csv = write_statistics_table(folder)
-    if ("slicer" in types or split) and not single:
-        write_folder_exports(folder, predictor.label_names)
-    if preview and not single:
+    if not single:
+        _write_folder_files(report, folder, predictor.label_names, statistics, preview, types, split)
+    return report
+
+
+def _write_folder_files(
+    report: SegmentReport,
+    folder: Path,
+    label_names: dict[str, int],
+    statistics: bool,
+    preview: bool,
+    types: tuple[str, ...],
+    split: bool,
+) -> None:
+    """The files of the whole folder (statistics table, ITK-SNAP labels, review page), each rebuilt from
+    every case present; one that cannot be written (full disk) is a failure of its own, in one line."""
+    if statistics:
+        with _folder_file(report, folder / STATISTICS_CSV):
+            report.statistics_csv = write_statistics_table(folder)
+    if "slicer" in types or split:
+        with _folder_file(report, folder / ITKSNAP_LABELS):
+            write_folder_exports(folder, label_names)
+    if preview:
         from medseg.export.review import collect_cases, write_review_page
 
-        report.review_page = write_review_page(folder, collect_cases(folder))
-    return report
+        with _folder_file(report, folder / "index.html"):
+            report.review_page = write_review_page(folder, collect_cases(folder))
+
+
+@contextlib.contextmanager
+def _folder_file(report: SegmentReport, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or no_space(exc)):
+            raise
+        cause = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+        report.failed[str(path)] = f"{path}: cannot write ({cause})"

@@ -13,10 +13,25 @@ identity, outputs, report, manifest) and does its cases in three steps:
 With ``prefetch=1`` (the default) the next case loads and the previous one is written while the network runs
 (``medseg segment --prefetch 0`` does one case at a time). A failure in any step is that case's, reported in
 one line; the other cases go on. With ``profile`` each case also gets a line of its stage times.
+
+**Shared work.** Before a case is read it is claimed (:mod:`medseg.io.claims`); a case another live run has
+claimed is left to it (status ``claimed``), so two unsharded runs on one input and output folder do every
+case once. The claim is given back once the case's result is in.
+
+**Viewer files never cost the mask.** The mask, sidecar, statistics and previews are written first; a DICOM
+SEG (or another viewer file) that cannot be made is then one error line and the case's status is
+``failed-export``: the mask stays, and ``medseg export`` can make the file later.
+
+**A full disk stops the batch.** When a write fails for lack of space (``ENOSPC``, ``EDQUOT``), that case
+fails, nothing of it is left half-written (atomic writes), and the cases not yet started are listed as
+failed without being read: the network would only compute masks that cannot be written. A re-run after
+space is freed continues with them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
 import time
@@ -49,8 +64,9 @@ from medseg.inference.outputs import (
 )
 from medseg.inference.predictor import Prediction, Predictor, Prepared
 from medseg.inference.sharding import Part
-from medseg.io import InputError, atomic_write_text, load_volume, save_like
+from medseg.io import InputError, atomic_write_text, case_name, load_volume, save_like
 from medseg.io.cases import check_case_file
+from medseg.io.claims import Claims
 from medseg.io.dicom import read_series
 
 #: Stages of the ``--profile`` line, in order: ``Prediction.info["seconds"]`` keys, then ``write``.
@@ -61,8 +77,9 @@ PROFILE_STAGES = ("read", "preprocess", "network", "restore", "postprocess", "wr
 class SegmentReport:
     """What a batch did: masks written, masks skipped as complete, failures (source → one-line reason
     naming the file), DICOM series skipped by policy (source → reason), warnings (source → one-line notes,
-    also kept in the sidecar), the stale temporary files removed from the output folder at the start, the
-    part run and the statistics table written."""
+    also kept in the sidecar), the stale temporary files removed from the output folder at the start, cases
+    left to another run that had claimed them (source → holder), cases whose mask was written but a viewer
+    file failed (source → reason; also in ``failed``), the part run and the statistics table written."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
@@ -70,6 +87,8 @@ class SegmentReport:
     skipped_modality: dict[str, str] = field(default_factory=dict)
     warnings: dict[str, list[str]] = field(default_factory=dict)
     removed_temps: list[Path] = field(default_factory=list)
+    claimed: dict[str, str] = field(default_factory=dict)
+    failed_exports: dict[str, str] = field(default_factory=dict)
     part: Part = field(default_factory=Part)
     statistics_csv: Path | None = None
     review_page: Path | None = None
@@ -103,6 +122,23 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
+#: errno values that mean the output's file system has no room left.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a write that failed for lack of disk space;
+    some writers (SimpleITK, highdicom) re-raise the ``OSError`` as another type, so the text counts too."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if getattr(seen, "errno", None) in _NO_SPACE or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class BatchRun:
     """The state of one run and its three per-case steps (module docstring)."""
 
@@ -130,6 +166,10 @@ class BatchRun:
         self.prefetch, self.profile = prefetch, profile
         self.report = SegmentReport()
         self.manifest: Manifest | None = None
+        self.folder = output.parent if single and output.name.endswith((".nii", ".nii.gz")) else output
+        self.claims = Claims(self.folder)
+        self.stopped: str | None = None  # why no further case is started (a full disk)
+        self._manifest_error: str | None = None
 
     def run(self, cases: list[CaseSource], progress: bool) -> None:
         from tqdm import tqdm
@@ -142,20 +182,32 @@ class BatchRun:
                 with tqdm.external_write_mode(file=sys.stdout):
                     self.log(text)
 
-        with bar:
-            lanes = run_lanes(cases, self.load, self.compute, self.write, self.prefetch)
+        lanes = run_lanes(cases, self.load, self.compute, self.write, self.prefetch)
+        # closing: an interruption (SIGINT/SIGTERM) between two results still lets the lanes finish the
+        # case in flight before the claims are given back.
+        with bar, self.claims, contextlib.closing(lanes):
             for i, (case, outcome) in enumerate(lanes, 1):
+                self.claims.release(case.name)
                 say(f"[{i}/{len(cases)}] {outcome.line}")
                 times = [f"{k} {outcome.seconds[k]:.1f}" for k in PROFILE_STAGES if k in outcome.seconds]
                 if self.profile and times:
                     total = outcome.seconds.get("case", 0.0)
                     say(f"  profile {case.label}: {', '.join(times)} s (case {total:.1f} s)")
-                if self.manifest is not None:
-                    seconds = outcome.seconds.get("case", 0.0)
-                    self.manifest.append(
-                        case.name, case.source, case.kind, outcome.status, seconds, outcome.error
-                    )
+                self._append_manifest(case, outcome)
                 bar.update()
+
+    def _append_manifest(self, case: CaseSource, outcome: _Outcome) -> None:
+        """One manifest line; a manifest that cannot be appended to (full disk) is one warning, not a stop."""
+        if self.manifest is None or self._manifest_error is not None:
+            return
+        try:
+            seconds = outcome.seconds.get("case", 0.0)
+            self.manifest.append(case.name, case.source, case.kind, outcome.status, seconds, outcome.error)
+        except OSError as exc:
+            self._manifest_error = (
+                f"{self.manifest.path}: cannot append ({exc.strerror or exc}); the run goes on"
+            )
+            self.report.warnings.setdefault(str(self.manifest.path), []).append(self._manifest_error)
 
     # ------------------------------------------------------------------ the three steps
 
@@ -168,6 +220,8 @@ class BatchRun:
             report.warnings.setdefault(case.source, []).append(f"{where}: skipped: {case.skipped}")
             return _Outcome("skipped-modality", None, f"{case.label}: skipped ({case.skipped})")
         job = _Job(case, dst, {})
+        if self.stopped:
+            return self._not_started(case)
         outcome = self._load(case, job)
         if isinstance(outcome, _Outcome):
             outcome.seconds.setdefault("case", round(time.monotonic() - job.started, 3))
@@ -182,13 +236,12 @@ class BatchRun:
                 check_case_file(case.path)
             job.identity = {self._source_key(case): case_stamp(case), **self.identity}
             if not self.overwrite and is_complete(dst, job.identity):
-                note = self._complete_statistics(case, dst) + self._complete_previews(case, dst)
-                report.skipped.append(dst)
-                if warnings := list((read_sidecar(dst) or {}).get("warnings", [])):
-                    report.warnings[case.source] = warnings
-                return _Outcome(
-                    "skipped", None, f"{case.label}: done, skipped (complete from an earlier run){note}"
-                )
+                return self._complete(case, dst)
+            if holder := self.claims.claim(case.name):
+                report.claimed[case.source] = holder
+                return _Outcome("claimed", None, f"{case.label}: left to {holder}, which is segmenting it")
+            if not self.overwrite and is_complete(dst, job.identity):  # finished while we claimed
+                return self._complete(case, dst)
             if case.kind == "nifti":
                 job.prepared = self.predictor.prepare(case.path)
             else:
@@ -200,10 +253,31 @@ class BatchRun:
             return self._failed(case, exc)
         return job
 
+    def _complete(self, case: CaseSource, dst: Path) -> _Outcome:
+        """A case complete from an earlier run: add missing statistics/previews; a viewer file that failed
+        then is reported again (``medseg export`` retries it)."""
+        note = self._complete_statistics(case, dst) + self._complete_previews(case, dst)
+        self.report.skipped.append(dst)
+        side = read_sidecar(dst) or {}
+        if warnings := list(side.get("warnings", [])):
+            self.report.warnings[case.source] = warnings
+        if isinstance(error := side.get("export_error"), str):
+            self.report.failed[case.source] = self.report.failed_exports[case.source] = error
+            return _Outcome("failed-export", error, f"{case.label}: mask complete; viewer export failed")
+        return _Outcome("skipped", None, f"{case.label}: done, skipped (complete from an earlier run){note}")
+
+    def _not_started(self, case: CaseSource) -> _Outcome:
+        reason = f"{case.source}: not started: {self.stopped}; free space and run again to continue"
+        self.report.failed[case.source] = reason
+        return _Outcome("failed", reason, f"{case.label}: not started (no space left)")
+
     def compute(self, case: CaseSource, job: _Job | _Outcome) -> _Job | _Outcome:
         """Network, restore, postprocessing (main lane)."""
         if isinstance(job, _Outcome):
             return job
+        if self.stopped:
+            job.prepared = None
+            return self._not_started(case)
         try:
             job.prediction = self.predictor.predict(job.prepared)
         except Exception as exc:
@@ -248,13 +322,20 @@ class BatchRun:
             case.label if case.kind == "nifti" else f"{case.label} (DICOM, {len(case.series.files)} slices)"
         )
         seconds["case"] = round(time.monotonic() - job.started, 3)
-        return _Outcome("written", None, f"{what} → {job.dst} ({seconds['case']:.1f} s)", seconds)
+        line = f"{what} → {job.dst} ({seconds['case']:.1f} s)"
+        if error := sidecar.get("export_error"):
+            self.report.failed[case.source] = self.report.failed_exports[case.source] = error
+            return _Outcome("failed-export", error, f"{line}; viewer export failed", seconds)
+        return _Outcome("written", None, line, seconds)
 
     # ------------------------------------------------------------------ helpers
 
     def _failed(self, case: CaseSource, exc: BaseException) -> _Outcome:
-        """Keep the batch going; name the file and the cause."""
-        if isinstance(exc, InputError):
+        """Keep the batch going; name the file and the cause. Out of disk space: stop starting cases."""
+        if no_space(exc):
+            self.stopped = f"no space left on device in {self.folder}"
+            reason = case.shown(f"{case.source}: cannot write its outputs: {self.stopped}")
+        elif isinstance(exc, InputError):
             reason = case.shown(str(exc))
         else:
             reason = case.shown(f"{case.source}: {type(exc).__name__}: {_first_line(exc)}")
@@ -267,20 +348,10 @@ class BatchRun:
 
     def _write_case(self, case: CaseSource, dst: Path, sidecar: dict, pred: Prediction) -> None:
         """Old mask and statistics out, sidecar in, statistics in, new mask in (module docstring of
-        :mod:`medseg.inference.batch`); then the mask's write time is added to the sidecar."""
+        :mod:`medseg.inference.batch`), previews; then the viewer files, whose failure is recorded in the
+        sidecar's ``export_error`` and leaves the rest in place; the sidecar is rewritten last."""
         dst.unlink(missing_ok=True)
         statistics_path(dst).unlink(missing_ok=True)
-        if self.output_types != ("nifti",) or self.split:  # viewer files first: a failed SEG fails the case
-            sidecar["exports"], notes = write_case_exports(
-                case,
-                dst,
-                pred,
-                self.output_types,
-                self.split,
-                self.checkpoints[0],
-                self.identity["checkpoint_sha256"][0],
-            )
-            sidecar["warnings"].extend(case.shown(n) for n in notes)
         atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
         if self.statistics:
             image = np.asanyarray(pred.reference.dataobj)
@@ -297,6 +368,27 @@ class BatchRun:
             write_previews(dst, pred.reference, pred.labels, pred.label_names)
         if self.attention:
             sidecar["warnings"].extend(write_attention(dst, self.predictor, pred))
+        if self.output_types != ("nifti",) or self.split:
+            try:
+                sidecar["exports"], notes = write_case_exports(
+                    case,
+                    dst,
+                    pred,
+                    self.output_types,
+                    self.split,
+                    self.checkpoints[0],
+                    self.identity["checkpoint_sha256"][0],
+                )
+                sidecar["warnings"].extend(case.shown(n) for n in notes)
+            except Exception as exc:
+                if no_space(exc):
+                    raise
+                text = (
+                    str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                )
+                sidecar["export_error"] = case.shown(f"{text} (mask written: {dst}; viewer files not)")
+                (dst.parent / f"{case_name(dst)}_seg.dcm").unlink(missing_ok=True)  # not the old mask's SEG
+        atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
 
     def _complete_previews(self, case: CaseSource, dst: Path) -> str:
         """Previews for a complete case that has none yet (from its mask and scan, no inference)."""

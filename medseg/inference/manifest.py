@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-#: What happened to a case in one run.
-STATUSES = ("written", "skipped", "failed", "skipped-modality")
-Status = Literal["written", "skipped", "failed", "skipped-modality"]
+#: What happened to a case in one run: ``claimed`` — left to another live run segmenting it
+#: (:mod:`medseg.io.claims`); ``failed-export`` — mask written, a viewer file (DICOM SEG) could not be.
+STATUSES = ("written", "skipped", "failed", "skipped-modality", "claimed", "failed-export")
+Status = Literal["written", "skipped", "failed", "skipped-modality", "claimed", "failed-export"]
 MANIFEST_NAME = "manifest.jsonl"
 
 

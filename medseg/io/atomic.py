@@ -160,3 +160,15 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
                 continue
             removed.append(path)
     return removed
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create and delete a temporary file in ``folder``: the cheapest proof that outputs can go there
+    (permissions, a read-only mount, an immutable folder, no inodes left). Call it before any work.
+
+    Raises:
+        OSError: the folder cannot be written; ``strerror`` says why.
+    """
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(Path(folder) / "write-check"), dir=folder)
+    os.close(fd)
+    os.unlink(name)

@@ -139,3 +139,28 @@ def test_killed_training_resumes_bit_identically(tiny_dataset, tmp_path):
     # the resumed run removed the killed writer's temporary files, and the history has one row per epoch
     assert_no_temp_files(killed)
     assert [r["epoch"] for r in read_history(killed / "metrics.csv")] == ["1", "2"]
+
+
+def test_sigterm_stops_training_cleanly_and_it_resumes(tiny_dataset, tmp_path):
+    """SIGTERM (a scheduler's stop, ``docker stop``) is handled like Ctrl-C: exit 143, one line, no temporary
+    file, and ``--resume`` continues from the last complete epoch."""
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  root: {tiny_dataset}\ntrain:\n  output: {run}\n")
+    args = ["train", config, *[a for s in TINY_TRAIN for a in ("--set", s)], "--set", "train.epochs=3"]
+    log = tmp_path / "train.log"
+    proc = _start(*args, log=log)
+    deadline = time.monotonic() + GIVE_UP_S
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=GIVE_UP_S) == 128 + signal.SIGTERM, log.read_text()
+    text = log.read_text()
+    assert "interrupted (SIGTERM): stopped after the current write" in text and "Traceback" not in text
+    assert_no_temp_files(run)
+    resumed = run_cli(*args, "--resume")
+    assert resumed.code == 0, resumed.output
+    assert "resumed from" in resumed.stdout
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
