@@ -21,6 +21,42 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: ``--archive-limits`` keys → (ArchiveLimits field, unit multiplier).
+_ARCHIVE_KEYS = {
+    "members": ("max_members", 1),
+    "total-gb": ("max_total_bytes", 2**30),
+    "ratio": ("max_ratio", 1),
+}
+
+
+def _archive_limits(text: str | None):
+    """``members=…,total-gb=…,ratio=…`` → :class:`medseg.io.archive.ArchiveLimits` (None: the defaults).
+
+    Raises:
+        ValueError: an unknown key or a value that is not a positive number (one line).
+    """
+    if not text:
+        return None
+    from medseg.io.archive import ArchiveLimits
+
+    values = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in _ARCHIVE_KEYS:
+            raise ValueError(
+                f"--archive-limits: unknown key {key.strip()!r}; valid: {', '.join(_ARCHIVE_KEYS)}"
+            )
+        field, unit = _ARCHIVE_KEYS[key.strip()]
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not number > 0:
+            raise ValueError(f"--archive-limits: {key.strip()}={value!r} is not a positive number")
+        values[field] = number if field == "max_ratio" else int(number * unit)
+    return ArchiveLimits(**values)
+
+
 def segment_command(
     input: Annotated[
         Path,
@@ -120,6 +156,14 @@ def segment_command(
             help="Per case a line of seconds: read, preprocess, network, restore, postprocess, write.",
         ),
     ] = False,
+    archive_limits: Annotated[
+        str | None,
+        typer.Option(
+            "--archive-limits",
+            help="Caps for a .zip input, e.g. members=200000,total-gb=128,ratio=500 (defaults: 100000 members, "
+            "64 GiB of NIfTI/DICOM members, compression ratio 200 for members over 16 MiB).",
+        ),
+    ] = None,
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar.
 
@@ -155,6 +199,7 @@ def segment_command(
             progress=sys.stderr.isatty(),
             prefetch=prefetch,
             profile=profile,
+            archive_limits=_archive_limits(archive_limits),
         )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)

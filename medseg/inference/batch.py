@@ -73,6 +73,7 @@ from medseg.inference.outputs import statistics_path as statistics_path
 from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Predictor
 from medseg.inference.sharding import Part
 from medseg.io import InputError, is_nifti
+from medseg.io.archive import ArchiveLimits
 from medseg.io.atomic import check_writable, remove_stale_temps
 
 
@@ -160,6 +161,7 @@ def segment_inputs(
     uncertainty: bool = False,
     prefetch: int = 1,
     profile: bool = False,
+    archive_limits: ArchiveLimits | None = None,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -188,6 +190,8 @@ def segment_inputs(
             the current one (:mod:`medseg.inference.lanes`); 0 — one case at a time.
         profile: log one line per case with the seconds of each stage (read, preprocess, network, restore,
             postprocess, write); they are in the sidecar's ``inference.seconds`` either way.
+        archive_limits: caps for a ``.zip`` input (:class:`medseg.io.archive.ArchiveLimits`; None: the
+            defaults).
 
     Raises:
         InputError: problems of the whole run, not of one case: the input does not exist or holds no case,
@@ -248,7 +252,9 @@ def segment_inputs(
         log(f"removed {len(report.removed_temps)} stale temporary file(s) of an interrupted run in {folder}")
     if removed := remove_stale_extractions(folder):
         log(f"removed {len(removed)} extraction folder(s) of an interrupted run in {folder}")
-    with opened_cases(input_path, folder) as cases, contextlib.ExitStack() as stack:
+    with opened_cases(input_path, folder, limits=archive_limits) as cases, contextlib.ExitStack() as stack:
+        for note in cases.notes:  # archive members that are not inputs: named, not read
+            report.warnings.setdefault(str(input_path), []).append(note)
         _refuse_clashes(cases, output, single, statistics)
         mine = part.select(cases)
         if part.count > 1:

@@ -25,12 +25,12 @@ digits of the SHA-1 of its SeriesInstanceUID appended, so no two cases ever writ
 **Archives.** :func:`opened_cases` extracts a ``.zip`` into a temporary folder inside the output folder
 (``.tmp-<pid>-<host>-unzip.<random>``: the same disk the masks go to, and the name of
 :mod:`medseg.io.atomic`, so a killed run's folder is recognised as stale and removed by the next run, see
-:func:`remove_stale_extractions`), and removes it when the block ends, also on error. Before anything is
-written the whole member list is checked, and the archive is refused in one line when a member has an
-absolute path, a ``..`` component (zip-slip), is a symbolic link or special file, is encrypted, or the
-archive declares more bytes than the disk has free. Cases from an archive are identified, for resuming,
-by the archive's path, size and modification time and the member's path inside it, and their messages name
-``<archive>/<member>``, never the temporary folder.
+:func:`remove_stale_extractions`), and removes it when the block ends, also on error. What is extracted and
+when an archive is refused is :mod:`medseg.io.archive`'s: the whole member list is judged first, then only
+the NIfTI and DICOM members are extracted, within :class:`~medseg.io.archive.ArchiveLimits` (members, total
+size, free disk, compression ratio); the members not read are named in the yielded list's ``notes``. Cases
+from an archive are identified, for resuming, by the archive's path, size and modification time and the
+member's path inside it, and their messages name ``<archive>/<member>``, never the temporary folder.
 """
 
 from __future__ import annotations
@@ -40,15 +40,14 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import tempfile
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from medseg.io import InputError, is_nifti, list_cases
+from medseg.io.archive import ArchiveLimits, extract_zip, is_zip
 from medseg.io.atomic import TEMP_PREFIX, is_stale_temp, temp_prefix
 from medseg.io.dicom import SeriesInfo, find_series
 
@@ -225,62 +224,6 @@ def discover_cases(input_path: str | os.PathLike) -> list[CaseSource]:
     return sorted(cases, key=lambda c: c.name)
 
 
-def is_zip(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is meant as an archive: a file named ``*.zip``."""
-    return str(path).lower().endswith(".zip") and not Path(path).is_dir()
-
-
-def _refuse_member(info: zipfile.ZipInfo) -> str | None:
-    """Why one archive member must not be extracted, or None."""
-    name = info.filename
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return f"member {name!r} has an absolute path"
-    if ".." in parts:
-        return f"member {name!r} leads outside the archive (through '..', zip-slip)"
-    kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix file type recorded (a plain file)
-    if kind == stat.S_IFLNK:
-        return f"member {name!r} is a symbolic link"
-    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        return f"member {name!r} is not a regular file or folder"
-    if info.flag_bits & 0x1:
-        return f"member {name!r} is encrypted"
-    return None
-
-
-def extract_zip(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract ``archive`` into the existing folder ``dest`` after checking every member; return the folder
-    to read: ``dest`` itself, or its only entry when the archive holds one top-level folder (a zipped folder).
-
-    Raises:
-        InputError: not a readable zip, an unsafe member (absolute path, ``..``, symbolic link, special or
-            encrypted file), or more declared bytes than ``dest``'s disk has free. Nothing is extracted
-            then.
-    """
-    archive, dest = Path(archive), Path(dest)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            for info in members:
-                if cause := _refuse_member(info):
-                    raise InputError(f"{archive}: {cause}; archive refused")
-            need = sum(info.file_size for info in members)
-            free = shutil.disk_usage(dest).free
-            if need > free:
-                raise InputError(
-                    f"{archive}: extracting needs {need / 2**30:.1f} GiB but {dest} has {free / 2**30:.1f} GiB "
-                    "free; unpack it elsewhere and pass the folder"
-                )
-            for info in members:
-                zf.extract(info, dest)
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"{archive}: not a readable .zip archive ({exc})") from None
-    except (OSError, EOFError, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
-        raise InputError(f"{archive}: cannot extract ({' '.join(str(exc).split())})") from None
-    entries = [p for p in dest.iterdir() if p.name not in ("__MACOSX",)]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
-
-
 def remove_stale_extractions(folder: str | os.PathLike) -> list[Path]:
     """Remove extraction folders of :func:`opened_cases` left in ``folder`` by runs that were killed (their
     writer process is dead: :func:`medseg.io.atomic.is_stale_temp`); a live run's folder stays."""
@@ -293,27 +236,43 @@ def remove_stale_extractions(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class CaseList(list):
+    """The cases of an input (a ``list`` of :class:`CaseSource`), with ``notes``: one line each for the batch to
+    show as a warning — the members of an archive that were not read (:meth:`Extraction.note`)."""
+
+    notes: tuple[str, ...] = ()
+
+
 @contextlib.contextmanager
-def opened_cases(input_path: str | os.PathLike, work_folder: str | os.PathLike) -> Iterator[list[CaseSource]]:
+def opened_cases(
+    input_path: str | os.PathLike, work_folder: str | os.PathLike, *, limits: ArchiveLimits | None = None
+) -> Iterator[CaseList]:
     """Yield the cases of ``input_path`` (:func:`discover_cases`); a ``.zip`` is first extracted into a
-    temporary folder in ``work_folder`` (:func:`extract_zip`), removed when the block ends, also on error.
+    temporary folder in ``work_folder`` (:func:`medseg.io.archive.extract_zip`, only its NIfTI and DICOM
+    members, within ``limits``), removed when the block ends, also on error. The members not read are named
+    in the yielded list's ``notes``.
 
     Raises:
-        InputError: from :func:`discover_cases` or :func:`extract_zip`.
+        InputError: from :func:`discover_cases` or :func:`medseg.io.archive.extract_zip`.
     """
     input_path = Path(input_path)
     if not is_zip(input_path):
-        yield discover_cases(input_path)
+        yield CaseList(discover_cases(input_path))
         return
     if not input_path.is_file():
         raise InputError(f"{input_path}: input not found")
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(Path(work_folder) / "unzip"), dir=work_folder))
     try:
-        top = extract_zip(input_path, tmp)
         try:
-            cases = discover_cases(top)
+            found = extract_zip(input_path, tmp, limits=limits)
+        except InputError as exc:  # "… but out/.tmp-…-unzip.x has 2.0 GiB free": the output folder's disk
+            raise InputError(str(exc).replace(str(tmp), str(work_folder))) from None
+        try:
+            cases = discover_cases(found.folder)
         except InputError as exc:
-            raise InputError(str(exc).replace(str(top), str(input_path))) from None
-        yield [replace(c, archive=input_path, root=tmp) for c in cases]
+            raise InputError(str(exc).replace(str(found.folder), str(input_path))) from None
+        listed = CaseList(replace(c, archive=input_path, root=tmp) for c in cases)
+        listed.notes = tuple(n for n in [found.note()] if n)
+        yield listed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
