@@ -26,6 +26,11 @@ Rules, each either handled as stated or refused with one :class:`InputError` lin
 * **Gantry tilt** (positions drifting in-plane by more than that tolerance) → refused with the angle: a
   regular grid would shear the volume (dcm2niix can resample tilted series first).
 * **Refused** too: fewer than 2 slices; differing Rows/Columns/PixelSpacing; missing geometry tags.
+* **Pixel module**, from the headers before any pixel is read (:mod:`medseg.io.dicom_pixels`; the first
+  failing file is named): MONOCHROME2/MONOCHROME1 with 1 sample per pixel, BitsAllocated 8/16/32, BitsStored
+  ≤ BitsAllocated, HighBit = BitsStored − 1, PixelRepresentation 0/1, Rows/Columns 1–8192, finite non-zero
+  RescaleSlope, finite RescaleIntercept, pixel data of the declared byte count (compressed: not implausibly
+  small), at most 2^30 declared voxels per series. MONOCHROME1 is read via copies relabelled MONOCHROME2.
 * **SliceThickness ≠ spacing between positions** → a note; the voxel spacing comes from the positions.
 * **Rescale** slope/intercept applied per slice (by GDCM): int16 when all are integral and the values fit.
 * **Transfer syntaxes**: what SimpleITK 2.5's GDCM decodes (explicit/implicit/big-endian/deflated, RLE,
@@ -49,8 +54,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 
+from medseg.io import dicom_pixels
 from medseg.io.nifti import InputError
 
 ORIENTATION_TOL = 1e-4  #: largest difference of direction cosines within one orientation
@@ -94,6 +99,7 @@ class SeriesInfo:
     error: str | None = None
     rescale: tuple[tuple[float, float], ...] = field(default=(), repr=False)
     bits: tuple[int, int] = field(default=(16, 0), repr=False)
+    monochrome1: tuple[Path, ...] = field(default=(), repr=False)  # read through MONOCHROME2 copies
 
     @property
     def usable(self) -> bool:
@@ -121,6 +127,7 @@ class _Header:
 
     path: Path
     ds: pydicom.Dataset
+    extent: dicom_pixels.PixelExtent | None = None
 
     def get(self, keyword: str, default=None):
         value = self.ds.get(keyword, default)
@@ -141,23 +148,9 @@ def _text(value) -> str:
 
 def _read_header(path: Path) -> _Header | str | None:
     """The header of an image file; ``None`` for a non-DICOM or non-image file; a cause when a file with
-    the DICOM preamble cannot be parsed."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        return None
-    except Exception as exc:  # pydicom raises many types on broken files
-        try:
-            with open(path, "rb") as fh:
-                dicm = fh.read(132)[128:] == b"DICM"
-        except OSError:
-            dicm = True
-        return f"{path.name}: {' '.join(str(exc).split())[:120]}" if dicm else None
-    if "Rows" in ds and "Columns" in ds:
-        return _Header(path, ds)
-    # pydicom parses a truncated header without complaint: an image SOP class without Rows is broken.
-    image = "Image Storage" in getattr(ds.get("SOPClassUID"), "name", "")
-    return f"{path.name}: header ends before Rows/Columns (truncated?)" if image else None
+    the DICOM preamble cannot be parsed (:func:`medseg.io.dicom_pixels.read_image_header`)."""
+    found = dicom_pixels.read_image_header(path)
+    return _Header(path, *found) if isinstance(found, tuple) else found
 
 
 def _safe(part: str) -> str:
@@ -317,6 +310,7 @@ def _order_and_check(headers: list[_Header], notes: list[str]) -> tuple[list[_He
             max(int(h.get("BitsStored", 16)) for h in kept),
             max(int(h.get("PixelRepresentation", 0)) for h in kept),
         ),
+        "monochrome1": tuple(h.path for h in kept if dicom_pixels.is_monochrome1(h.ds)),
     }
 
 
@@ -354,6 +348,8 @@ def _series(members: list[_Header], key: tuple, modalities: tuple[str, ...], bro
                 f"multi-frame (enhanced) image with {frames} frames; only single-frame series are read"
             )
         elif kept := _drop_strays(members, notes):
+            if cause := dicom_pixels.check_series([(h.path, h.ds, h.extent) for h in kept]):
+                raise _Refused(cause)
             ordered, geometry = _order_and_check(kept, notes)
         else:
             skipped = f"localizer/scout images only ({len(members)}), not a 3D volume"
@@ -455,14 +451,17 @@ def read_series(info: SeriesInfo) -> DicomVolume:
     if info.error:
         raise InputError(f"{info.where}: {info.error}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(p) for p in info.files])
     pixel_type = _pixel_type(info)
     reader.SetOutputPixelType(pixel_type)
     reader.SetSpacingWarningRelThreshold(max(SPACING_REL_TOL, SPACING_ABS_TOL_MM / info.slice_spacing) * 2)
     try:
-        img = reader.Execute()
+        with dicom_pixels.monochrome2_copies(info.files, info.monochrome1) as files:
+            reader.SetFileNames([str(p) for p in files])
+            img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{info.where}: SimpleITK cannot read the series ({_culprit(info, exc)})") from None
+    except OSError as exc:  # a MONOCHROME2 copy could not be written
+        raise InputError(f"{info.where}: cannot copy MONOCHROME1 images to relabel them ({exc})") from None
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
     origin = np.asarray(img.GetOrigin(), dtype=np.float64)
