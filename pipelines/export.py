@@ -1,7 +1,8 @@
 """``medseg export OUTDIR``: DICOM SEG / Slicer / per-organ files for cases ``medseg segment`` already wrote.
 
 Calls :func:`medseg.inference.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
-written), 2 nothing could start (no such folder, no segmented case, unknown output type).
+written; a broken sidecar or a refused source series fails its case), 2 nothing could start (no such folder,
+no segmented case, unknown output type, a ``--source-root`` that is not a folder).
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ def export_command(
         ),
     ] = "dicom-seg",
     split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
+    source_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--source-root",
+            help="Refuse recorded source series (folders, .zip files) outside this folder.",
+        ),
+    ] = None,
 ) -> None:
     """Write viewer files from existing masks and sidecars, without running the network again. A DICOM SEG
-    references the case's source series (found again where the sidecar recorded it) and is read back and
-    compared with the mask voxel for voxel."""
+    references the case's source series (only the files the sidecar recorded, never a system folder, and
+    with --source-root only inside it) and is read back and compared with the mask voxel for voxel."""
     from medseg.inference.reexport import export_outputs
     from medseg.io import InputError
 
     try:
-        report = export_outputs(outdir, output_type, split, log=typer.echo)
+        report = export_outputs(outdir, output_type, split, log=typer.echo, source_root=source_root)
     except InputError as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(2) from None

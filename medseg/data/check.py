@@ -5,7 +5,7 @@ it can be: first ``dataset.json`` and the NIfTI *headers* (nibabel loads lazily:
 come from the first few hundred bytes, no voxel is read), then — in the full check only — each file's voxel
 data once, in parallel processes.
 
-Header part (``full=False``; ``medseg train`` runs it before anything else):
+Header part (``full=False``; ``medseg train`` and ``medseg plan`` run it before anything else):
 
 * ``dataset.json`` exists, is valid JSON (line and column of a syntax error), an object with a ``labels``
   mapping (MSD ``{"0": "background"}`` or nnU-Net ``{"background": 0}``, indices 0…K−1) and a non-empty
@@ -19,8 +19,18 @@ Header part (``full=False``; ``medseg train`` runs it before anything else):
   per entry; the largest difference is printed);
 * no file is listed twice and no two entries share a case name.
 
-Voxel part (``full=True``): every file decompresses to the end (a truncated gzip is a problem, never
-Click's "Aborted."), images hold no NaN/inf, label values are integers and all declared in ``labels``.
+Voxel part (``full=True``; :mod:`medseg.data.voxels`): every file decompresses to the end (a truncated gzip
+is a problem, never Click's "Aborted."), images hold no NaN/inf, label values are integers and all declared
+in ``labels`` (:func:`~medseg.data.voxels.check_label_values`: a minimum and a maximum decide, the declared
+labels being 0…K−1; only a map with values outside that range has those voxels gathered, to name them).
+
+Label part (:func:`require_trainable_dataset`, what ``medseg train`` runs before anything else): the header
+part, then — headers clean — the voxel check of the *label* files only (no image is read), so that a label
+value the network has no output for (``9`` with 7 classes) is refused before training rather than failing
+mid-epoch with ``RuntimeError: index 9 is out of bounds``. What a clean label file held is remembered by its
+identity (real path, size, mtime, ctime, inode): in this process, and in ``label_scan.json`` in the run folder
+(:mod:`medseg.data.voxels`), so a resumed run, another fold or another ablation variant does not read the
+labels again.
 
 Files in ``imagesTr``/``labelsTr`` that no entry lists are not problems; they are reported as warnings.
 
@@ -32,16 +42,11 @@ labels) comes first, then headers, every channel against the label (shape, affin
 
 from __future__ import annotations
 
-import gzip
-import multiprocessing
 import os
-import zlib
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medseg.data.datasets import (
@@ -53,6 +58,14 @@ from medseg.data.datasets import (
     training_entries,
 )
 from medseg.data.nnunet import detect_layout, discover_cases
+from medseg.data.voxels import (
+    identity,
+    known_clean,
+    label_sources,
+    remember_label_scan,
+    scan_files,
+    scan_workers,
+)
 from medseg.io import InputError, case_name, is_nifti, voxel_spacing
 from medseg.io.atomic import TEMP_PREFIX
 from medseg.io.nifti import check_header, read_header
@@ -61,7 +74,6 @@ from medseg.io.nifti import check_header, read_header
 AFFINE_TOLERANCE_MM = 1e-3
 #: Voxel sizes outside (0, MAX_SPACING_MM) mm are implausible for CT (a header error, not a scan).
 MAX_SPACING_MM = 20.0
-_COMPRESSED_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,8 @@ class DatasetReport:
     layout: str = "msd"  # or "nnunet"
     channels: list[str] = field(default_factory=list)  # nnU-Net channel_names, in order
     case_names: dict[int, str] = field(default_factory=dict)  # nnU-Net: entry index → "case 'x'"
+    #: label files whose voxels were found clean: real path → (size, mtime_ns, ctime_ns, inode, min, max)
+    label_facts: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def entry(self, index: int, role: str) -> str:
         """How an entry's file is named in messages: ``training[3] label`` or ``case 'x' channel 0001``."""
@@ -136,9 +150,39 @@ def require_valid_dataset(root: str | os.PathLike) -> DatasetReport:
     return report
 
 
+def require_trainable_dataset(
+    root: str | os.PathLike, workers: int | None = None, scan_file: str | os.PathLike | None = None
+) -> DatasetReport:
+    """What ``medseg train`` runs before anything else: the header check, then — headers clean — every label
+    file's values (integers, each declared in ``labels``), raising when either finds anything.
+
+    Label files known clean (same real path, size, mtime, ctime and inode, values within the labels) are not
+    read again: those this process checked, and those ``scan_file`` records
+    (:func:`medseg.data.voxels.read_label_scan`). The others are read once each, by ``workers`` processes
+    (``None``: :func:`medseg.data.voxels.scan_workers`). ``report.label_facts`` holds what every label file
+    held, for :func:`medseg.data.voxels.write_label_scan`.
+
+    Raises:
+        DatasetError: listing every header problem; or, with clean headers, every label file that cannot be
+            read to the end or holds non-integer or undeclared values.
+    """
+    report = _inspect(Path(root), workers, "labels", label_sources(scan_file))
+    remember_label_scan(report.label_facts)
+    if report.problems:
+        raise DatasetError(report.problems)
+    return report
+
+
 def inspect_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True) -> DatasetReport:
     """Like :func:`check_dataset`, returning the whole :class:`DatasetReport` (for the CLI's summary)."""
-    root = Path(root)
+    return _inspect(Path(root), workers, "all" if full else "none")
+
+
+def _inspect(
+    root: Path, workers: int | None, voxels: str, known: Sequence[Mapping[str, tuple[int, ...]]] = ()
+) -> DatasetReport:
+    """The check: ``voxels`` is ``"none"`` (headers), ``"all"`` (every file's voxels) or ``"labels"`` (with
+    clean headers, the label files not ``known`` clean)."""
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder {'is not a folder' if root.exists() else 'not found'}")
     report = DatasetReport(root)
@@ -162,8 +206,11 @@ def inspect_dataset(root: str | os.PathLike, workers: int = 1, full: bool = True
     headers = _check_files(paths, report)
     _check_pairs(paths, headers, report)
     _check_duplicates(paths, report)
-    if full:
-        _check_voxels(paths, headers, declared, workers, report)
+    if voxels == "all":
+        _check_voxels(_voxel_tasks(paths, headers, ("image", "label")), declared, workers, report)
+    elif voxels == "labels" and not report.problems:
+        tasks = _voxel_tasks(paths, headers, ("label",))
+        _check_voxels(_not_known(tasks, declared, known, report), declared, workers, report)
     return report
 
 
@@ -357,79 +404,55 @@ def _warn_unlisted(root: Path, paths: dict[int, dict[str, Path]], report: Datase
             )
 
 
-def _check_voxels(
-    paths: dict[int, dict[str, Path]],
-    headers: dict[Path, _Header],
-    declared: set[int] | None,
-    workers: int,
-    report: DatasetReport,
-) -> None:
-    """Read each file with a usable header once (``workers`` processes) and check its voxel values."""
-    tasks: dict[tuple[str, str], Path] = {}
+def _voxel_tasks(
+    paths: dict[int, dict[str, Path]], headers: dict[Path, _Header], roles: tuple[str, ...]
+) -> dict[tuple[str, str], tuple[Path, int]]:
+    """``(real path, "image"/"label")`` → ``(path as listed, voxel count)`` of each file with a usable header,
+    each file once, of the given roles."""
+    tasks: dict[tuple[str, str], tuple[Path, int]] = {}
     for keys in paths.values():
         for key, path in keys.items():
-            if path in headers:
-                tasks.setdefault((str(path.resolve()), "label" if key == "label" else "image"), path)
-    if workers > 1 and len(tasks) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
-            futures = [pool.submit(scan_voxels, real, key) for real, key in tasks]
-            results = []
-            for future in futures:
-                try:
-                    results.append(future.result())
-                except BrokenProcessPool:
-                    results.append(
-                        (
-                            "the worker process reading it stopped unexpectedly (killed, or out of memory)",
-                            None,
-                        )
-                    )
-    else:
-        results = [scan_voxels(real, key) for real, key in tasks]
-    for path, (cause, values) in zip(tasks.values(), results, strict=True):
+            role = "label" if key == "label" else "image"
+            if path in headers and role in roles:
+                tasks.setdefault((str(path.resolve()), role), (path, int(np.prod(headers[path].shape))))
+    return tasks
+
+
+def _not_known(
+    tasks: dict[tuple[str, str], tuple[Path, int]],
+    declared: set[int] | None,
+    known: Sequence[Mapping[str, Sequence[int]]],
+    report: DatasetReport,
+) -> dict[tuple[str, str], tuple[Path, int]]:
+    """The label tasks not known clean (:func:`medseg.data.voxels.known_clean`: the same file, values within
+    the labels of now); the facts of the known ones go into the report."""
+    if declared is None or sorted(declared) != list(range(len(declared))):
+        return tasks
+    left = {}
+    for (real, role), task in tasks.items():
+        facts = known_clean(real, len(declared), known)
+        if facts is None:
+            left[real, role] = task
+        else:
+            report.label_facts[real] = facts
+    return left
+
+
+def _check_voxels(
+    tasks: dict[tuple[str, str], tuple[Path, int]],
+    declared: set[int] | None,
+    workers: int | None,
+    report: DatasetReport,
+) -> None:
+    """Read each file of ``tasks`` (:func:`_voxel_tasks`) once and check its voxel values, with ``workers``
+    processes (``None``: :func:`medseg.data.voxels.scan_workers` of their voxels); the facts of clean label
+    files go into ``report.label_facts``."""
+    if workers is None:
+        workers = scan_workers(sum(voxels for _, voxels in tasks.values()))
+    identities = {real: identity(real) for real, role in tasks if role == "label"}  # taken before reading
+    results = scan_files(list(tasks), None if declared is None else sorted(declared), workers)
+    for (real, role), (path, _), (cause, span) in zip(tasks, tasks.values(), results, strict=True):
         if cause:
             report.add(path, cause)
-        elif values is not None and declared is not None and (extra := sorted(set(values) - declared)):
-            known = ", ".join(map(str, sorted(declared)))
-            report.add(
-                path,
-                f"label values {', '.join(map(str, extra))} not declared in dataset.json labels (declared: {known})",
-            )
-
-
-def scan_voxels(path: str, role: str) -> tuple[str | None, list[int] | None]:
-    """Read one file's voxels to the end: ``(cause or None, label values for a label)``.
-
-    Images must be finite; labels integral (any dtype). Runs in a worker process (spawn), so it takes and
-    returns plain values and turns every failure into a cause rather than an exception.
-    """
-    try:
-        data = np.asanyarray(nib.load(path).dataobj)
-    except _COMPRESSED_ERRORS as exc:
-        return f"truncated or corrupt compressed file ({exc})", None
-    except MemoryError:
-        return "voxel data too large to read into memory", None
-    except Exception as exc:
-        return f"cannot read voxel data, file truncated or corrupt ({type(exc).__name__}: {exc})", None
-    if role == "image":
-        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-            nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
-            return f"image holds {nan} NaN and {inf} infinite voxel(s)", None
-        return None, None
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)):
-            return "label map holds NaN or infinite values", None
-        fractional = data != np.round(data)
-        if fractional.any():
-            example = float(data[fractional].flat[0])
-            return (
-                f"label values are not integers ({int(fractional.sum())} voxel(s), e.g. {example:g})",
-                None,
-            )
-        data = data.astype(np.int64)
-    if data.size and data.min() >= 0 and data.max() < 65536:
-        values = np.flatnonzero(np.bincount(data.ravel().astype(np.intp, copy=False)))
-    else:
-        values = np.unique(data)
-    return None, [int(v) for v in values]
+        elif role == "label" and span is not None and identities[real] is not None:
+            report.label_facts[real] = (*identities[real], *span)

@@ -27,8 +27,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from medseg.config import Config, ConfigError, config_from_dict, config_to_dict
-from medseg.data.check import require_valid_dataset
+from medseg.data.check import require_trainable_dataset
 from medseg.data.folds import parse_fold
+from medseg.data.voxels import LABEL_SCAN_NAME, remember_label_scan
 from medseg.engine.distributed import PeerError, torchrun_world
 from medseg.engine.trainer import train
 from medseg.io import InputError
@@ -48,11 +49,20 @@ _PASSED_BACK = {"InputError": InputError, "ConfigError": ConfigError}
 
 @record
 def _worker(
-    raw_config: dict, resume: bool, fold: int | str | None, threads: int, plan_path: str | None = None
+    raw_config: dict,
+    resume: bool,
+    fold: int | str | None,
+    threads: int,
+    plan_path: str | None = None,
+    label_facts: dict | None = None,
 ) -> str:
-    """One training process (spawned by the elastic launcher, rank and rendezvous in its environment)."""
+    """One training process (spawned by the elastic launcher, rank and rendezvous in its environment).
+
+    ``label_facts``: the label files the launcher found clean (rank 0 does not read them again).
+    """
     if threads:
         torch.set_num_threads(threads)
+    remember_label_scan(label_facts or {})
     try:
         cfg = config_from_dict(raw_config, "config")
         return str(
@@ -102,7 +112,7 @@ def train_processes(
     Raises:
         ConfigError: ``nproc`` below 1, more processes than GPUs, ``train.device: cuda:N``, already inside
             torchrun, an invalid ``fold``; or a worker's config error.
-        DatasetError: the dataset check (before any process starts).
+        DatasetError: the dataset check, headers and label values (before any process starts).
         InputError: a worker's input error (one line).
         TrainingFailed: a worker failed otherwise.
     """
@@ -125,8 +135,10 @@ def train_processes(
             parse_fold(fold, cfg.data.folds)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    if cfg.data.root is not None:
-        require_valid_dataset(cfg.data.root)  # here, before N processes start, one line per problem
+    label_facts = {}
+    if cfg.data.root is not None:  # before N processes start, one line per problem: headers, label values
+        scan_file = Path(cfg.train.output) / LABEL_SCAN_NAME
+        label_facts = require_trainable_dataset(cfg.data.root, scan_file=scan_file).label_facts
     threads = 0 if on_gpu else max(1, (os.cpu_count() or 1) // nproc)
     launch = LaunchConfig(
         min_nodes=1,
@@ -144,7 +156,12 @@ def train_processes(
         logger.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(launch, _worker)(
-            config_to_dict(cfg), resume, fold, threads, None if plan_path is None else str(plan_path)
+            config_to_dict(cfg),
+            resume,
+            fold,
+            threads,
+            None if plan_path is None else str(plan_path),
+            label_facts,
         )
     except ChildFailedError as exc:
         raise _failure(exc) from None

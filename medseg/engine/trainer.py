@@ -6,7 +6,10 @@ One function, :func:`train`, driven by a resolved config (see :mod:`medseg.confi
 * ``config.yaml`` — the resolved config; ``plan.json`` — the preprocessing plan;
 * ``last.pt`` every epoch and ``best.pt`` at the best validation mean Dice (see :mod:`.checkpoint`);
 * ``metrics.csv`` — one row per epoch; ``curves.png`` — loss and validation Dice;
-* with validation cases, ``validation.json``/``.csv`` and ``validation/`` (:mod:`.final_validation`).
+* with validation cases, ``validation.json``/``.csv`` and ``validation/`` (:mod:`.final_validation`);
+* ``label_scan.json`` (in ``train.output`` itself, shared by its folds) — the label files found clean by the
+  check that runs before anything else (:func:`medseg.data.check.require_trainable_dataset`: headers, then
+  every label file's values), so a resumed run or another fold does not read them again.
 
 ``fold=K`` trains fold K of a cross-validation run into ``train.output/fold_K`` (:mod:`.folds`). Under
 torchrun the same function trains data-parallel, rank 0 writing (:mod:`.distributed`).
@@ -32,7 +35,7 @@ import torch
 from monai.data import DataLoader, list_data_collate
 
 from medseg.config import Config, ConfigError, checkpoint_config, config_to_dict, dump_config
-from medseg.data.check import require_valid_dataset
+from medseg.data.check import require_trainable_dataset
 from medseg.data.datasets import (
     input_channels,
     label_names,
@@ -41,6 +44,7 @@ from medseg.data.datasets import (
     training_cases,
 )
 from medseg.data.plan_file import dump_plan
+from medseg.data.voxels import LABEL_SCAN_NAME, write_label_scan
 from medseg.engine.caching import build_dataset, describe_cache, named_errors
 from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
@@ -145,8 +149,10 @@ def _train(
     root = cfg.data.root
     if root is None:
         raise ConfigError("data.root is not set (path to a dataset folder with dataset.json)")
-    # headers only, every problem at once (DatasetError); before any write
-    replicas.on_main(lambda: require_valid_dataset(root))
+    # headers, then the label files' values (train.output/label_scan.json: files checked before are not read
+    # again); every problem at once (DatasetError), before any write and before the network is built
+    label_scan = Path(tcfg.output) / LABEL_SCAN_NAME
+    label_facts = replicas.on_main(lambda: require_trainable_dataset(root, scan_file=label_scan).label_facts)
     device = replicas.device
     seed_everything(tcfg.seed)
 
@@ -183,6 +189,7 @@ def _train(
     if replicas.is_main:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         atomic_write_text(out / "plan.json", dump_plan(plan))
+        write_label_scan(label_scan, label_facts)  # in train.output: shared by the folds of a run
 
     num_classes = len(names)
     model = build_network(cfg.model, plan["in_channels"], num_classes, plan.get("pool_kernels"))

@@ -54,7 +54,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from medseg.inference.batch_cases import BatchRun, SegmentReport, no_space
+from medseg.inference.batch_cases import BatchRun, SegmentReport
 from medseg.inference.ensemble import check_single_channel
 from medseg.inference.exports import ITKSNAP_LABELS, parse_output_types, write_folder_exports
 from medseg.inference.inputs import (
@@ -74,7 +74,7 @@ from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Predictor
 from medseg.inference.sharding import Part
 from medseg.io import InputError, is_nifti
 from medseg.io.archive import ArchiveLimits
-from medseg.io.atomic import check_writable, remove_stale_temps
+from medseg.io.atomic import check_writable, no_space, remove_stale_temps
 
 
 def _jsonable(mode: str | Mapping) -> str | dict:

@@ -31,7 +31,6 @@ space is freed continues with them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import sys
 import time
@@ -65,6 +64,7 @@ from medseg.inference.outputs import (
 from medseg.inference.predictor import Prediction, Predictor, Prepared
 from medseg.inference.sharding import Part
 from medseg.io import InputError, atomic_write_text, case_name, load_volume, save_like
+from medseg.io.atomic import no_space
 from medseg.io.cases import check_case_file
 from medseg.io.claims import Claims
 from medseg.io.dicom import read_series
@@ -120,23 +120,6 @@ class _Job:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
-
-
-#: errno values that mean the output's file system has no room left.
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def no_space(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a write that failed for lack of disk space;
-    some writers (SimpleITK, highdicom) re-raise the ``OSError`` as another type, so the text counts too."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if getattr(seen, "errno", None) in _NO_SPACE or "No space left on device" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class BatchRun:

@@ -217,7 +217,9 @@ def _declared_directory(path: Path) -> tuple[int, int] | None:
     return members, size
 
 
-def _check_directory(archive: Path, limits: ArchiveLimits) -> None:
+def check_directory(archive: Path, limits: ArchiveLimits) -> None:
+    """Refuse an archive whose end record declares more members, or a larger central directory, than
+    ``limits`` allow — before ``zipfile`` reads that directory into memory."""
     declared = _declared_directory(archive)
     if declared is None:
         return
@@ -235,7 +237,7 @@ def _check_directory(archive: Path, limits: ArchiveLimits) -> None:
         )
 
 
-def _check_spans(archive: Path, zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]) -> None:
+def check_spans(archive: Path, zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]) -> None:
     """Every member's local header (at least 30 bytes) and declared compressed data must end before the next
     member's header (or the central directory): no two members share bytes (an overlapping-entries bomb
     expands one compressed kernel once per member), and ``compress_size``, which the ratio caps use, is not
@@ -259,7 +261,9 @@ def _top(names: list[str]) -> tuple[str, ...]:
     return ()
 
 
-def _check_caps(archive: Path, chosen: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+def check_caps(archive: Path, chosen: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+    """Refuse ``chosen`` members that expand more than ``limits.max_ratio`` (one above
+    ``ratio_from_bytes``, or all together) or hold more than ``limits.max_total_bytes``."""
     total = packed = 0
     for i, info in enumerate(chosen, 1):
         size, csize = info.file_size, max(info.compress_size, 1)
@@ -295,7 +299,7 @@ def _plan(archive: Path, zf: zipfile.ZipFile, limits: ArchiveLimits):
     for info in members:
         if cause := refuse_member(info):
             raise InputError(f"{archive}: {cause}; archive refused")
-    _check_spans(archive, zf, members)
+    check_spans(archive, zf, members)
     kinds: dict[str, list[zipfile.ZipInfo]] = {
         k: [] for k in ("folder", "nifti", "dicom", "archive", "other")
     }
@@ -332,7 +336,7 @@ def _plan(archive: Path, zf: zipfile.ZipFile, limits: ArchiveLimits):
         raise InputError(
             f"{archive}: member {'/'.join(clash[0])!r} is both a file and a folder; archive refused"
         )
-    _check_caps(archive, chosen, limits)
+    check_caps(archive, chosen, limits)
     return chosen, tuple(sorted(not_read)), top
 
 
@@ -394,7 +398,7 @@ def extract_zip(
     archive, dest = Path(archive), Path(dest)
     limits = limits or ArchiveLimits()
     try:
-        _check_directory(archive, limits)
+        check_directory(archive, limits)
         with zipfile.ZipFile(archive) as zf:
             chosen, not_read, top = _plan(archive, zf, limits)
             need, free = sum(i.file_size for i in chosen), shutil.disk_usage(dest).free

@@ -15,6 +15,7 @@ each other's live temporary files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -172,3 +173,20 @@ def check_writable(folder: str | os.PathLike) -> None:
     fd, name = tempfile.mkstemp(prefix=temp_prefix(Path(folder) / "write-check"), dir=folder)
     os.close(fd)
     os.unlink(name)
+
+
+#: errno values that mean the output's file system has no room left.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a write that failed for lack of disk space;
+    some writers (SimpleITK, highdicom) re-raise the ``OSError`` as another type, so the text counts too."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if getattr(seen, "errno", None) in _NO_SPACE or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -263,3 +263,31 @@ def test_claims_exclude_live_holders_and_pass_from_dead_ones(tmp_path):
     assert mine.claim("ct") is None
     mine.release_all()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_into_a_full_or_unwritable_folder(tiny_dataset, tiny_run, tmp_path, small_disk):
+    """``medseg export`` on the same terms: a full disk fails the case in one line and starts no other; a
+    folder that cannot be written is refused before any work."""
+    inp = _inputs(tiny_dataset, tmp_path / "in", ["a", "b", "c"])
+    out = small_disk / "out"
+    done = run_cli("segment", "-i", inp, "-o", out, "-m", tiny_run / "best.pt", "--device", "cpu")
+    assert done.code == 0, done.output
+    filler = _fill(small_disk)
+    full = run_cli("export", out, "--output-type", "slicer")
+    assert full.code == 1 and "Traceback" not in full.output, full.output
+    errors = full.error_lines()
+    assert f"error: {out / 'a.nii.gz'}: cannot write its files: no space left on device" in errors[0], errors
+    assert [e.split(": ")[1] for e in errors[1:3]] == [str(out / "b.nii.gz"), str(out / "c.nii.gz")], errors
+    assert all("not started" in e for e in errors[1:3]), errors
+    assert len(errors) == 3
+    assert "slicer" not in read_sidecar(out / "a.nii.gz").get("exports", {})  # the old sidecar, whole
+    assert not (out / "b.seg.nrrd").exists() and not (out / "c.seg.nrrd").exists()
+    _assert_whole(out)
+    filler.unlink()
+    subprocess.run(["chattr", "+i", str(out)], check=True)
+    try:
+        refused = run_cli("export", out, "--output-type", "slicer")
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert refused.code == 2
+    assert_one_error(refused, out, cause="cannot be written")
