@@ -108,7 +108,7 @@ def broken(tmp_path_factory) -> tuple[Path, list[tuple[tuple[str, ...], bool]]]:
     data = np.asarray(img.dataobj).copy()
     data[0, 0, 0] = 9
     _resave(labels / "phantom_005.nii.gz", data.astype(np.uint8), img.affine)
-    expected.append((("phantom_005.nii.gz", "label values 9 not declared"), False))
+    expected.append((("phantom_005.nii.gz", "label value 9 not declared"), False))
     shutil.copy(images / "phantom_005_0000.nii.gz", images / "extra_0000.nii.gz")  # no label: a warning
     return root, expected
 

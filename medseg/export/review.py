@@ -170,7 +170,10 @@ def collect_cases(outdir: str | os.PathLike, config: QAConfig | None = None) -> 
     cases = []
     order = {text: i for i, (_, text) in enumerate(FILE_KINDS)}
     for case, side in sidecars.items():
-        review = CaseReview(name=str(case), warnings=[str(w) for w in side.get("warnings") or []])
+        warnings = [str(w) for w in side.get("warnings") or []]
+        if isinstance(side.get("export_error"), str):  # mask written, a viewer file (DICOM SEG) not
+            warnings.append(f"viewer export failed: {side['export_error']}")
+        review = CaseReview(name=str(case), warnings=warnings)
         for name in sorted(files[case], key=lambda n: (order.get(file_kind(case, n), len(order)), n)):
             kind = file_kind(case, name)
             if kind == "thumbnail":

@@ -205,6 +205,7 @@ def test_seg_that_cannot_be_made_keeps_mask_preview_and_statistics(tiny_run, tmp
     assert not (out / f"{case}_seg.dcm").exists()
     assert [e["status"] for e in read_manifest(out / "manifest.jsonl")] == ["failed-export"]
     assert json.loads((out / f"{case}.json").read_text())["export_error"] == line.removeprefix("error: ")
+    assert "viewer export failed" in (out / "index.html").read_text()  # the review page shows it
     _assert_whole(out)
 
     again = run_cli("segment", "-i", series, "-o", out, "--output-type", "nifti,dicom-seg", *args)
