@@ -1,4 +1,5 @@
-"""Device choice: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``, checked once, used by training and inference.
+"""Device and precision choice: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` and ``auto`` | ``fp32`` | ``bf16`` |
+``fp16``, each resolved by one function used by training and inference.
 
 Importing this module does not import torch, so a config naming a device can be checked instantly.
 """
@@ -6,6 +7,7 @@ Importing this module does not import torch, so a config naming a device can be 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,3 +55,73 @@ def device_memory_gb(name: str, fallback_gb: float) -> tuple[float, str]:
         return float(fallback_gb), f"CPU default ({fallback_gb:g} GB; no CUDA device)"
     props = torch.cuda.get_device_properties(device.index or 0)
     return props.total_memory / 1e9, f"CUDA device {device.index or 0} ({props.name})"
+
+
+#: ``precision`` values besides ``auto``: float32, bfloat16 autocast (CPU and CUDA), float16 autocast (CUDA).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: its name and the ``torch.autocast`` dtype (``None`` = float32, no autocast)."""
+
+    name: str  # fp32 | bf16 | fp16
+    dtype: torch.dtype | None
+
+    @property
+    def scaled(self) -> bool:
+        """float16 training needs a ``GradScaler`` (its exponent range is too small for small gradients)."""
+        import torch
+
+        return self.dtype is torch.float16
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively — AVX-512-BF16 (``VDPBF16PS``: AMD Zen 4, Intel Cooper
+    Lake) or AMX tiles (Intel Sapphire Rapids and newer) — as PyTorch's CPU feature probes report
+    (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``; the ``/proc/cpuinfo`` flags where
+    those probes are missing). ``torch.backends.cpu.get_cpu_capability()`` is not enough: it says ``AVX512``
+    for every AVX-512 CPU, and without the bf16 instructions oneDNN converts bf16 to float32 around every
+    kernel, which is slower than staying in float32."""
+    import torch
+
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(re.findall(r"\w+", fh.read()))
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(name: str | None, device: torch.device) -> Precision:
+    """``auto`` (or None) | ``fp32`` | ``bf16`` | ``fp16`` on ``device`` → :class:`Precision`: the one resolver
+    of training (``train.precision``) and inference (``medseg segment --precision``).
+
+    ``auto`` is the fast path: on CUDA bf16 when the GPU supports it (``torch.cuda.is_bf16_supported()``:
+    Ampere and newer), else fp16; on a CPU bf16 when it computes bf16 natively (:func:`cpu_has_native_bf16`),
+    else fp32; fp32 on any other device. The stitched logits and the training loss stay float32 in every case.
+
+    Example:
+        >>> import torch
+        >>> resolve_precision("fp32", torch.device("cpu"))
+        Precision(name='fp32', dtype=None)
+
+    Raises:
+        ValueError: an unknown name, or fp16 off CUDA (CPU autocast in float16 has no fast kernels).
+    """
+    import torch
+
+    if name is None or name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; valid: auto, {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device, not {device.type}; use bf16 or fp32")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return Precision(name, dtypes[name])

@@ -37,6 +37,7 @@ def run_demo(
     (tests shorten the demo with them).
     """
     from medseg.config import load_config, recipe_path
+    from medseg.config.segment import OutputSpec
     from medseg.data.phantoms import write_msd_dataset
     from medseg.engine import train
     from medseg.evaluation import evaluate_held_out, summary_table
@@ -65,12 +66,8 @@ def run_demo(
         data / "imagesTs",
         out / "pred",
         run / "best.pt",
-        device="auto",
+        outputs=OutputSpec(statistics=True, preview=True, attention=True, uncertainty=True),
         log=log,
-        statistics=True,
-        preview=True,
-        attention=True,
-        uncertainty=True,
     )
     t_seg = time.monotonic()
 

@@ -1,6 +1,7 @@
 """``medseg export OUTDIR``: DICOM SEG / Slicer / per-organ files for cases ``medseg segment`` already wrote.
 
-Calls :func:`medseg.inference.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
+Parses the options into :class:`~medseg.config.segment.ExportOptions` and calls
+:func:`medseg.inference.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
 written; a broken sidecar or a refused source series fails its case), 2 nothing could start (no such folder,
 no segmented case, unknown output type, a ``--source-root`` that is not a folder).
 """
@@ -12,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from medseg.config.segment import ExportOptions
+
 
 def export_command(
     outdir: Annotated[Path, typer.Argument(help="Output folder of medseg segment (masks + sidecars).")],
@@ -21,25 +24,29 @@ def export_command(
             "--output-type",
             help="Comma-separated: dicom-seg | dicom-seg-labelmap (DICOM cases), slicer (.seg.nrrd).",
         ),
-    ] = "dicom-seg",
-    split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
+    ] = ",".join(ExportOptions.types),
+    split: Annotated[
+        bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")
+    ] = ExportOptions.split,
     source_root: Annotated[
         Path | None,
         typer.Option(
             "--source-root",
             help="Refuse recorded source series (folders, .zip files) outside this folder.",
         ),
-    ] = None,
+    ] = ExportOptions.source_root,
 ) -> None:
     """Write viewer files from existing masks and sidecars, without running the network again. A DICOM SEG
     references the case's source series (only the files the sidecar recorded, never a system folder, and
     with --source-root only inside it) and is read back and compared with the mask voxel for voxel."""
+    from medseg.config import ConfigError
     from medseg.inference.reexport import export_outputs
     from medseg.io import InputError
 
     try:
-        report = export_outputs(outdir, output_type, split, log=typer.echo, source_root=source_root)
-    except InputError as exc:
+        options = ExportOptions(types=output_type, split=split, source_root=source_root)
+        report = export_outputs(outdir, options, log=typer.echo)
+    except (InputError, ConfigError) as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(2) from None
     for case, notes in report.warnings.items():

@@ -1,4 +1,5 @@
-"""``medseg segment``: parse the options, call :func:`medseg.inference.batch.segment_inputs`, print.
+"""``medseg segment``: parse the options into :class:`~medseg.config.segment.SegmentOptions` (how) and
+:class:`~medseg.config.segment.OutputSpec` (what), call :func:`medseg.inference.batch.segment_inputs`, print.
 
 Progress lines go to stdout (and a progress bar to stderr when it is a terminal); problems to stderr, one
 line each: ``warning: <file>: <text>`` (also for DICOM series skipped as not CT) and, for every case that
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from medseg.config.segment import OutputSpec, SegmentOptions
 
 
 def _one_line(text: str) -> str:
@@ -79,55 +82,61 @@ def segment_command(
             "ensemble.",
         ),
     ],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = SegmentOptions.device,
     overlap: Annotated[
         float | None, typer.Option(help="Sliding-window overlap (default: from checkpoint).")
-    ] = None,
-    sw_batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation.")] = False,
+    ] = SegmentOptions.overlap,
+    sw_batch_size: Annotated[
+        int | None, typer.Option(help="Windows per forward pass.")
+    ] = SegmentOptions.sw_batch_size,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Mirroring test-time augmentation.")
+    ] = SegmentOptions.tta,
     precision: Annotated[
         str,
         typer.Option(
             help="auto (bf16 where the CPU or GPU computes it natively, else fp32 on CPU / fp16 on GPU) | "
             "fp32 (exact) | bf16 | fp16 (CUDA).",
         ),
-    ] = "auto",
+    ] = SegmentOptions.precision,
     postprocess: Annotated[
         str, typer.Option(help="auto (the checkpoint's per-label component rules) | none.")
-    ] = "auto",
+    ] = SegmentOptions.postprocess,
     statistics: Annotated[
         bool,
         typer.Option("--statistics", help="Organ statistics: <case>_stats.json and statistics.csv."),
-    ] = False,
+    ] = OutputSpec.statistics,
     preview: Annotated[
         bool,
         typer.Option(
             "--preview",
             help="Per case <case>_preview.png (3 planes, radiological) and a thumbnail; the review page index.html.",
         ),
-    ] = False,
+    ] = OutputSpec.preview,
     attention: Annotated[
         bool,
         typer.Option(
             "--attention",
             help="Attention U-Net gate coefficients per level on the scan's grid: <case>_alpha_levelN.nii.gz + .png.",
         ),
-    ] = False,
+    ] = OutputSpec.attention,
     output_type: Annotated[
         str,
         typer.Option(
             "--output-type",
             help="Comma-separated: nifti (always), dicom-seg | dicom-seg-labelmap (DICOM inputs), slicer (.seg.nrrd).",
         ),
-    ] = "nifti",
-    split: Annotated[bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")] = False,
+    ] = ",".join(OutputSpec.types),
+    split: Annotated[
+        bool, typer.Option("--split", help="One 0/1 mask per organ in <case>_organs/.")
+    ] = OutputSpec.split,
     uncertainty: Annotated[
         bool,
         typer.Option(
             "--uncertainty",
             help="<case>_entropy.nii.gz: normalised softmax entropy (0 certain .. 1 uniform) on the scan's grid.",
         ),
-    ] = False,
+    ] = OutputSpec.uncertainty,
     num_parts: Annotated[
         int | None, typer.Option(help="Split the cases into N parts (with --part-id).")
     ] = None,
@@ -139,23 +148,21 @@ def segment_command(
         typer.Option(
             "--overwrite", help="Redo cases whose mask and sidecar are complete from an earlier run."
         ),
-    ] = False,
+    ] = OutputSpec.overwrite,
     prefetch: Annotated[
         int,
         typer.Option(
-            min=0,
-            max=1,
             help="1: read and preprocess the next case and write the last one while the network runs; "
             "0: one case at a time.",
         ),
-    ] = 1,
+    ] = SegmentOptions.prefetch,
     profile: Annotated[
         bool,
         typer.Option(
             "--profile",
             help="Per case a line of seconds: read, preprocess, network, restore, postprocess, write.",
         ),
-    ] = False,
+    ] = SegmentOptions.profile,
     archive_limits: Annotated[
         str | None,
         typer.Option(
@@ -177,29 +184,29 @@ def segment_command(
     from medseg.io import InputError
 
     try:
-        report = segment_inputs(
-            input,
-            output,
-            model,
-            device,
-            overlap,
-            sw_batch_size,
-            log=typer.echo,
-            overwrite=overwrite,
+        part = resolve_part(num_parts, part_id)
+        how = SegmentOptions(
+            device=device,
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
             tta=tta,
             precision=precision,
             postprocess=postprocess,
-            statistics=statistics,
-            preview=preview,
-            attention=attention,
-            output_types=output_type,
-            split=split,
-            uncertainty=uncertainty,
-            part=resolve_part(num_parts, part_id),
-            progress=sys.stderr.isatty(),
             prefetch=prefetch,
             profile=profile,
             archive_limits=_archive_limits(archive_limits),
+        )
+        what = OutputSpec(
+            types=output_type,
+            split=split,
+            statistics=statistics,
+            preview=preview,
+            attention=attention,
+            uncertainty=uncertainty,
+            overwrite=overwrite,
+        )
+        report = segment_inputs(
+            input, output, model, how, what, part=part, log=typer.echo, progress=sys.stderr.isatty()
         )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)

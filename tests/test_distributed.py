@@ -111,9 +111,8 @@ def test_two_gloo_processes_train_identical_replicas_resume_and_segment(tmp_path
     # Dice this process computes on its own from the best weights
     from medseg.config import checkpoint_config
     from medseg.data.datasets import training_cases
-    from medseg.engine.validation import validation_predictions
+    from medseg.engine.validation import ValidationCases, validation_predictions
     from medseg.inference.predictor import Predictor, model_from_checkpoint
-    from medseg.transforms import val_transforms
 
     scores = json.loads((run / "validation.json").read_text())
     assert len(scores["cases"]) == 2
@@ -121,10 +120,11 @@ def test_two_gloo_processes_train_identical_replicas_resume_and_segment(tmp_path
     model = model_from_checkpoint(best, torch.device("cpu"))
     cfg = checkpoint_config(best)
     cases = {c["case"]: c for c in training_cases(tiny_dataset)}
-    transform = val_transforms(best["plan"])
-    volumes = [transform(dict(cases[name])) for name in scores["cases"]]
-    for name, (pred, ref) in zip(
-        scores["cases"], validation_predictions(model, volumes, cfg, torch.device("cpu")), strict=True
+    volumes = ValidationCases([cases[name] for name in scores["cases"]])
+    for name, (pred, ref, _) in zip(
+        scores["cases"],
+        validation_predictions(model, volumes, cfg, best["plan"], torch.device("cpu")),
+        strict=True,
     ):
         for row in (r for r in scores["rows"] if r["case"] == name):
             p, r = pred == row["label"], ref == row["label"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from medseg.config.segment import SegmentOptions
 from medseg.data.phantoms import generate_phantom
 from medseg.inference.batch import read_sidecar, segment_inputs
 from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
@@ -163,10 +164,8 @@ def test_prefetch_changes_no_output_and_profile_prints_stages(tiny_run, tiny_dat
     for prefetch in (0, 1):
         outs[prefetch] = tmp_path / f"out{prefetch}"
         lines: list[str] = []
-        report = segment_inputs(
-            inp, outs[prefetch], tiny_run / "best.pt", device="cpu", log=lines.append,
-            prefetch=prefetch, profile=True,
-        )  # fmt: skip
+        options = SegmentOptions(device="cpu", prefetch=prefetch, profile=True)
+        report = segment_inputs(inp, outs[prefetch], tiny_run / "best.pt", options, log=lines.append)
         assert len(report.written) == 2 and list(report.failed) == [str(inp / "broken.nii.gz")]
         profiles = [line for line in lines if line.strip().startswith("profile ")]
         assert len(profiles) == 2, lines

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("inference",),
     ("engine",),
+    ("api",),
 ]
 RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
 

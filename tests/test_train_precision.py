@@ -9,9 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+import medseg.device
 import medseg.engine.step as step
 from medseg.config import ConfigError, checkpoint_config, config_to_dict, load_config
-from medseg.engine.step import Precision, resolve_precision, train_step, training_precision
+from medseg.device import Precision, resolve_precision
+from medseg.engine.step import train_step, training_precision
 from medseg.engine.trainer import build_optimizer
 from medseg.losses import build_loss
 from medseg.nets.registry import build_network
@@ -23,12 +25,14 @@ TINY_MODEL = "model.filters=[4, 8, 16, 32, 64]"
 
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native, expected):
-    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(medseg.device, "cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", CPU).name == expected
     assert resolve_precision("fp32", CPU) == Precision("fp32", None)
     assert resolve_precision("bf16", CPU) == Precision("bf16", torch.bfloat16)
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         resolve_precision("fp16", CPU)
+    with pytest.raises(ConfigError, match=r"train\.precision 'fp16' needs a CUDA device"):
+        training_precision("fp16", CPU, torch.nn.Conv3d(1, 1, 3), 1, (8, 8, 8))
 
 
 def test_precision_is_checked_at_load_time_and_amp_names_its_replacement():
@@ -111,7 +115,7 @@ def test_check_refuses_bf16_when_a_convolution_gradient_is_wrong(monkeypatch, on
     errors = step.bf16_weight_grad_errors(model, 1, (48, 48, 16))
     assert errors and all(abs(e - 2.0) < 0.1 for e in errors.values())  # every small-grid conv, 3× → 2.0
     assert all(min(map(int, k.split("input ")[1].rstrip(")").split("×")[1:])) <= 4 for k in errors)
-    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(medseg.device, "cpu_has_native_bf16", lambda: True)
     notes = []
     assert training_precision("auto", CPU, model, 1, (48, 48, 16), log=notes.append).name == "fp32"
     assert "training in fp32, not bf16" in notes[0]

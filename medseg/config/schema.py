@@ -47,7 +47,7 @@ OPTIMIZERS = ("adamw", "sgd")
 CACHE_MODES = ("memory", "disk", "none")  # see medseg.engine.caching
 #: ``train.precision``: autocast dtype of the training step (resolved per device by medseg.engine.step).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BLEND_MODES = ("gaussian", "constant")  # MONAI sliding_window_inference ``mode``
+BLEND_MODES = ("gaussian", "constant")  # the sliding window's ``mode`` (medseg.inference.sliding)
 ORIENTATIONS = tuple(a + b + c for a in "RL" for b in "AP" for c in "SI") + tuple(
     a + b + c for a in "AP" for b in "RL" for c in "SI"
 )

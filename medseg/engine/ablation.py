@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medseg.config import checkpoint_config, load_config, recipe_path
+from medseg.config.segment import SegmentOptions
 from medseg.data.phantoms import write_msd_dataset
 from medseg.engine.cost import measure_cost
 from medseg.engine.trainer import train
@@ -80,7 +81,8 @@ def run_ablation(
         t0 = time.monotonic()
         train(cfg, log=lambda *_: None)
         train_s = time.monotonic() - t0
-        segment_inputs(data / "imagesTs", run / "pred", run / "best.pt", device="cpu", log=lambda *_: None)
+        cpu = SegmentOptions(device="cpu")
+        segment_inputs(data / "imagesTs", run / "pred", run / "best.pt", cpu, log=lambda *_: None)
         table = summary_table(evaluate_held_out(run / "pred", data, run / "eval.csv"))
         dice = {organ: r["dice"] for organ, r in table.items()}
         cost = measure_cost(cfg.model, num_classes, size=cost_size)

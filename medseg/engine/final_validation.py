@@ -1,14 +1,17 @@
 """End of training: the best weights' validation predictions — scored, kept, and used to decide postprocessing.
 
-One prediction pass over the validation cases (model space: the plan's orientation and spacing, the cached
-validation volumes, the sliding window of validation) serves three outputs in the run folder:
+One prediction pass over the validation cases (:func:`medseg.engine.validation.validation_predictions`: as
+``medseg segment --postprocess none`` segments them, on each scan's own grid) serves three outputs in the run
+folder:
 
 * ``validation.json`` and ``validation.csv``: per case and label Dice, NSD (τ = 2 mm), HD95 and the other
   :data:`medseg.metrics.METRIC_KEYS` from :func:`medseg.metrics.evaluate_pair`, and per label the summary of
   :func:`medseg.metrics.summarize` (a missed organ counts in the worst-case HD95 as the image diagonal). Scores
   are of the raw predictions (argmax, before postprocessing), like nnU-Net's per-fold ``validation/summary.json``;
-* ``validation/<case>.npz``: the prediction and reference label maps (``prediction``, ``reference``), which
-  :mod:`medseg.engine.crossval` pools over the folds of a cross-validation run;
+* ``validation/<case>.npz``: the prediction and reference label maps on the scan's grid (``prediction``,
+  ``reference``) and its voxel size in mm (``spacing``), which :mod:`medseg.engine.crossval` pools over the
+  folds of a cross-validation run (``validation.json`` has the plan's ``spacing`` and each scan's in
+  ``case_spacing``);
 * ``best.pt`` gets the per-label component cleanup decided on these cases
   (:func:`medseg.engine.validation.decide_postprocessing`).
 
@@ -25,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config.schema import plan_roi_size
-from medseg.engine.validation import decide_postprocessing, validation_predictions
+from medseg.engine.validation import ValidationCases, decide_postprocessing, validation_predictions
 from medseg.export.tables import write_json, write_metrics_csv
 from medseg.io import InputError, atomic_path
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
@@ -64,10 +66,12 @@ def _compact(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint8 if int(labels.max(initial=0)) < 256 else np.uint16)
 
 
-def save_pair(path: str | os.PathLike, pred: np.ndarray, ref: np.ndarray) -> None:
-    """Write a prediction/reference pair of label maps to a compressed ``.npz``, atomically."""
+def save_pair(path: str | os.PathLike, pred: np.ndarray, ref: np.ndarray, spacing=None) -> None:
+    """Write a prediction/reference pair of label maps (and their voxel size in mm) to a compressed ``.npz``,
+    atomically."""
+    extra = {} if spacing is None else {"spacing": np.asarray(spacing, dtype=np.float64)}
     with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, prediction=_compact(pred), reference=_compact(ref))
+        np.savez_compressed(tmp, prediction=_compact(pred), reference=_compact(ref), **extra)
 
 
 def load_pair(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -76,16 +80,28 @@ def load_pair(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         InputError: missing or unreadable file, naming it.
     """
+    return load_saved(path)[:2]
+
+
+def load_saved(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(prediction, reference, spacing)`` saved by :func:`save_pair`; the spacing None for a pair saved
+    without one (validation in model space, before the scan-grid validation).
+
+    Raises:
+        InputError: missing or unreadable file, naming it.
+    """
     try:
         with np.load(path) as data:
-            return data["prediction"], data["reference"]
+            spacing = data["spacing"] if "spacing" in data.files else None
+            return data["prediction"], data["reference"], spacing
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the saved validation prediction ({exc})") from None
 
 
 class SavedPairs:
     """Saved pairs read one at a time on every pass: :func:`decide_postprocessing` walks the pairs once per
-    label and candidate, and this keeps one case in memory instead of all of them."""
+    label and candidate, and this keeps one case in memory instead of all of them. Yields
+    ``(prediction, reference, spacing)``, the spacing None for pairs saved without one."""
 
     def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
         self.paths = [Path(p) for p in paths]
@@ -93,9 +109,9 @@ class SavedPairs:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         for path in self.paths:
-            yield load_pair(path)
+            yield load_saved(path)
 
 
 def read_validation(path: str | os.PathLike) -> dict:
@@ -119,44 +135,43 @@ def read_validation(path: str | os.PathLike) -> dict:
     return data
 
 
-def record_final_validation(model, val_ds, val_cases: list[dict], cfg, plan: dict, device, best: Path,
-                            replicas, log) -> None:  # fmt: skip
+def record_final_validation(model, cases: ValidationCases, cfg, plan: dict, device, best: Path, replicas,
+                            log) -> None:  # fmt: skip
     """Predict the validation cases with the weights of ``best`` and write the outputs of the module docstring
     next to it (rank 0; every rank predicts its share)."""
     out = best.parent
     replicas.barrier()  # rank 0 has written best.pt
     ckpt = load_checkpoint(best)
     model.load_state_dict(ckpt["model"])
-    labels, spacing = plan["labels"], plan["spacing"]
-    indices = replicas.shard(len(val_ds))
+    labels = plan["labels"]
+    indices = replicas.shard(len(cases))
     local = []
-    for i, (pred, ref) in zip(
-        indices,
-        validation_predictions(model, val_ds, cfg, device, indices, plan_roi_size(cfg, plan)),
-        strict=True,
-    ):
-        name = val_cases[i]["case"]
-        local.append((i, name, _compact(pred), _compact(ref), score_case(name, pred, ref, labels, spacing)))
+    predictions = validation_predictions(model, cases, cfg, plan, device, indices)
+    for i, (pred, ref, spacing) in zip(indices, predictions, strict=True):
+        name = cases.name(i)
+        rows = score_case(name, pred, ref, labels, spacing)
+        local.append((i, name, _compact(pred), _compact(ref), [float(s) for s in spacing], rows))
     gathered = sorted(replicas.gather_to_main(local), key=lambda item: item[0])
     if not replicas.is_main:
         return
-    rules, report = decide_postprocessing([(p, r) for _, _, p, r, _ in gathered], labels, spacing)
+    rules, report = decide_postprocessing([(p, r, sp) for _, _, p, r, sp, _ in gathered], labels)
     ckpt["postprocess"] = rules
     ckpt["postprocess_report"] = report
     save_checkpoint(ckpt, best)
-    for _, name, pred, ref, _ in gathered:
-        save_pair(out / PREDICTIONS_DIR / f"{name}.npz", pred, ref)
+    for _, name, pred, ref, spacing, _ in gathered:
+        save_pair(out / PREDICTIONS_DIR / f"{name}.npz", pred, ref, spacing)
     rows = [row for *_, case_rows in gathered for row in case_rows]
-    cases = [name for _, name, *_ in gathered]
+    names = [name for _, name, *_ in gathered]
     write_metrics_csv(out / VALIDATION_CSV, rows)
     write_json(
         out / VALIDATION_JSON,
         {
             "checkpoint": best.name,
             "epoch": int(ckpt["epoch"]) + 1,
-            "cases": cases,
+            "cases": names,
             "labels": labels,
-            "spacing": [float(s) for s in spacing],
+            "spacing": [float(s) for s in plan["spacing"]],
+            "case_spacing": {name: spacing for _, name, _, _, spacing, _ in gathered},
             "nsd_tolerance_mm": NSD_TOLERANCE_MM,
             "summary": summary_by_name(rows, labels),
             "rows": rows,
@@ -164,5 +179,5 @@ def record_final_validation(model, val_ds, val_cases: list[dict], cfg, plan: dic
         },
     )
     kept = [f"{name}: {r['chosen']}" for name, r in report.items() if r["chosen"] != "none"]
-    log(f"postprocessing kept on {len(cases)} validation case(s): {', '.join(kept) or 'none'}")
+    log(f"postprocessing kept on {len(names)} validation case(s): {', '.join(kept) or 'none'}")
     log(f"validation scores of {best.name}: {out / VALIDATION_JSON}")

@@ -11,16 +11,10 @@ The step is what :func:`medseg.engine.train` repeats and what ``python -m pipeli
    value); the optimizer step. A ``GradScaler`` is used only for float16 (CUDA): bfloat16 has float32's
    exponent range, so gradients do not underflow and need no scaling.
 
-``auto`` precision (the default) resolves to
-
-* CUDA: bfloat16 when the GPU supports it (``torch.cuda.is_bf16_supported()``: Ampere and newer), float16
-  with loss scaling otherwise — the AMP medseg always used on CUDA;
-* CPU: bfloat16 when the CPU has native bf16 arithmetic — AVX-512-BF16 (``VDPBF16PS``: AMD Zen 4, Intel
-  Cooper Lake) or AMX tiles (Intel Sapphire Rapids and newer), as reported by PyTorch's CPU feature probe
-  (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``; ``/proc/cpuinfo`` flags where
-  those probes are missing) — and float32 otherwise. ``torch.backends.cpu.get_cpu_capability()`` is not
-  enough: it says ``AVX512`` for every AVX-512 CPU, and without the bf16 instructions oneDNN converts
-  bf16 to float32 around every kernel, which is slower than staying in float32.
+``auto`` precision (the default) resolves as inference's does — one resolver,
+:func:`medseg.device.resolve_precision`: on CUDA bfloat16 when the GPU supports it, float16 with loss scaling
+otherwise (the AMP medseg always used on CUDA); on a CPU bfloat16 when it has native bf16 arithmetic
+(AVX-512-BF16 or AMX, :func:`medseg.device.cpu_has_native_bf16`), float32 otherwise.
 
 A bf16 check guards the CPU path. On this machine (AMD EPYC Zen 4, torch 2.13 / oneDNN) the bfloat16 weight
 gradient of a 3×3×3 convolution whose input is 2 voxels deep (first spatial axis) is wrong — relative error
@@ -42,63 +36,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from medseg.config import ConfigError
+from medseg.device import Precision, resolve_precision
 
 #: Global gradient-norm clip of every step (nnU-Net's value).
 MAX_GRAD_NORM = 12.0
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes in bfloat16 natively (AVX-512-BF16 or AMX), see the module docstring."""
-    probes = [
-        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    if all(probe is not None for probe in probes):
-        return any(probe() for probe in probes)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set(re.findall(r"\w+", fh.read()))
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-@dataclass(frozen=True)
-class Precision:
-    """A resolved ``train.precision``: the autocast dtype (``None`` = float32) and whether loss scaling is on."""
-
-    name: str  # fp32 | bf16 | fp16
-    dtype: torch.dtype | None
-
-    @property
-    def scaled(self) -> bool:
-        """float16 needs a ``GradScaler`` (its exponent range is too small for small gradients); bf16 not."""
-        return self.dtype is torch.float16
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``auto`` | ``fp32`` | ``bf16`` | ``fp16`` on ``device`` → :class:`Precision` (see the module docstring).
-
-    Raises:
-        ConfigError: ``fp16`` on a CPU (CPU autocast in float16 has no fast kernels; use bf16 or fp32).
-    """
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-    if name not in _DTYPES:
-        raise ConfigError(f"train.precision: {name!r} is not valid; valid values: auto, {', '.join(_DTYPES)}")
-    if name == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.precision: fp16 needs a CUDA device, not {device.type}; use bf16 or fp32")
-    return Precision(name, _DTYPES[name])
 
 
 #: Convolutions whose input grid has a side of at most this many voxels are checked in bf16 (module docstring):
@@ -162,12 +108,16 @@ def bf16_weight_grad_errors(model: torch.nn.Module, in_channels: int, patch) -> 
 def training_precision(
     name: str, device: torch.device, model: torch.nn.Module, in_channels: int, patch, log=print
 ) -> Precision:
-    """:func:`resolve_precision`, then on the CPU the bf16 check of the module docstring.
+    """:func:`medseg.device.resolve_precision`, then on the CPU the bf16 check of the module docstring.
 
     Raises:
-        ConfigError: ``bf16`` asked for explicitly and the check fails (``auto`` falls back to fp32).
+        ConfigError: ``fp16`` off CUDA, or ``bf16`` asked for explicitly and the check fails (``auto`` falls
+            back to fp32).
     """
-    precision = resolve_precision(name, device)
+    try:
+        precision = resolve_precision(name, device)
+    except ValueError as exc:  # "precision 'fp16' needs a CUDA device, not cpu; …"
+        raise ConfigError(f"train.{exc}") from None
     if precision.name != "bf16" or device.type != "cpu":
         return precision
     errors = bf16_weight_grad_errors(model, in_channels, patch)

@@ -6,7 +6,9 @@ One function, :func:`train`, driven by a resolved config (see :mod:`medseg.confi
 * ``config.yaml`` — the resolved config; ``plan.json`` — the preprocessing plan;
 * ``last.pt`` every epoch and ``best.pt`` at the best validation mean Dice (see :mod:`.checkpoint`);
 * ``metrics.csv`` — one row per epoch; ``curves.png`` — loss and validation Dice;
-* with validation cases, ``validation.json``/``.csv`` and ``validation/`` (:mod:`.final_validation`);
+* with validation cases, ``validation.json``/``.csv`` and ``validation/`` (:mod:`.final_validation`); the
+  validation Dice of every epoch and of ``best.pt`` is that of ``medseg segment``'s masks on the cases
+  (:mod:`.validation`);
 * ``label_scan.json`` (in ``train.output`` itself, shared by its folds) — the label files found clean by the
   check that runs before anything else (:func:`medseg.data.check.require_trainable_dataset`: headers, then
   every label file's values), so a resumed run or another fold does not read them again.
@@ -51,14 +53,14 @@ from medseg.engine.final_validation import record_final_validation
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.planning import resolve_plan
 from medseg.engine.step import train_step, training_precision
-from medseg.engine.validation import validate
+from medseg.engine.validation import ValidationCases, validate
 from medseg.export import append_history, training_curves
 from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
 from medseg.nets.registry import build_network
-from medseg.transforms import train_transforms, val_transforms
+from medseg.transforms import train_transforms
 
 
 def seed_everything(seed: int) -> None:
@@ -217,7 +219,8 @@ def _train(
     dcfg = cfg.data
     train_tf = train_transforms(plan, cfg.augment)
     train_ds = build_dataset(cfg, plan, train_cases, train_tf, "train")  # data.cache: see engine/caching.py
-    val_ds = build_dataset(cfg, plan, val_cases, val_transforms(plan), "val") if val_cases else []
+    # validation reads its cases as `medseg segment` does (engine/validation.py), kept with data.cache: memory
+    val_ds = ValidationCases(val_cases, keep=dcfg.cache == "memory")
     log(f"data cache: {describe_cache(cfg, plan)}")
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; "
@@ -302,7 +305,7 @@ def _train(
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")  # no validation split: best = last
     replicas.barrier()
     if len(val_cases) and (out / "best.pt").exists():
-        record_final_validation(model, val_ds, val_cases, cfg, plan, device, out / "best.pt", replicas, log)
+        record_final_validation(model, val_ds, cfg, plan, device, out / "best.pt", replicas, log)
     return out
 
 

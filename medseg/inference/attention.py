@@ -11,8 +11,8 @@ How they are computed:
 1. the scan is preprocessed exactly as for segmentation (``Predictor.preprocess``: the plan's orientation,
    spacing, body crop and intensity normalisation) — the model grid;
 2. the network runs in eval mode with ``return_attention=True`` over the same sliding windows as the
-   segmentation (the predictor's window size, overlap and Gaussian weighting, MONAI
-   ``sliding_window_inference``). Each window's ``α_l`` (on the skip grid of level ``l``, ``2^(l-1)`` times
+   segmentation (the predictor's window size, overlap and Gaussian weighting, through the one sliding window
+   of inference, :func:`medseg.inference.sliding.sliding_window_logits`). Each window's ``α_l`` (on the skip grid of level ``l``, ``2^(l-1)`` times
    coarser) is first upsampled to the window's own voxels (trilinear, ``align_corners=False`` with the exact
    factor ``2^(l-1)``, i.e. coarse voxel ``i`` is centred on the ``2^(l-1)`` fine voxels it pooled), then the
    windows are stitched on the model grid. (Stitching the coarse maps at their own resolution, which MONAI
@@ -39,11 +39,11 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.inference.maps import restore_map
 from medseg.inference.preprocess import preprocess
+from medseg.inference.sliding import sliding_window_logits
 
 #: Added to ``notes`` when the network has no grid attention gates (``{name}``: the network's class).
 NO_GATES_NOTE = "{name} has no grid attention gates: no attention maps"
@@ -119,20 +119,19 @@ def attention_on_grid(
             dim=1,
         )
 
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with autocast:
-        out = sliding_window_inference(
-            torch.as_tensor(image)[None].to(device),
-            [int(r) for r in roi_size],
-            sw_batch_size,
-            window,
-            overlap=overlap,
-            mode=mode,
-            padding_mode="constant",
-            sw_device=device,
-            device=torch.device("cpu"),
-        )
-    return torch.as_tensor(out)[0].float().clamp_(0.0, 1.0)
+    out = sliding_window_logits(
+        window,
+        torch.as_tensor(image)[None].to(device),
+        roi_size,
+        overlap,
+        sw_batch_size,
+        mode,
+        amp=False,
+        autocast_dtype=autocast_dtype,
+        sw_device=device,
+        out_device=torch.device("cpu"),
+    )
+    return out[0].clamp_(0.0, 1.0)
 
 
 def _float_like(values: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -1,9 +1,17 @@
 """Batch segmentation: NIfTI files, DICOM series, folders of them or a ``.zip`` in → label maps in each scan's
 exact geometry out, resumable, shardable, with a run manifest and optional organ statistics.
 
+>>> from medseg.config.segment import OutputSpec, SegmentOptions
 >>> from medseg.inference.batch import segment_inputs
->>> report = segment_inputs("pacs_export/", "pred/", ["fold_0/best.pt", "fold_1/best.pt"])  # doctest: +SKIP
->>> report.written, report.skipped, report.failed, report.skipped_modality               # doctest: +SKIP
+>>> report = segment_inputs(
+...     "pacs_export/", "pred/", ["fold_0/best.pt", "fold_1/best.pt"],
+...     SegmentOptions(device="cpu", tta=True), OutputSpec(statistics=True),
+... )  # doctest: +SKIP
+>>> report.written, report.skipped, report.failed, report.skipped_modality  # doctest: +SKIP
+
+How to segment (:class:`~medseg.config.segment.SegmentOptions`) and what to write
+(:class:`~medseg.config.segment.OutputSpec`) are one frozen object each, checked when made; their defaults
+are the command line's.
 
 Inputs are found by :mod:`medseg.inference.inputs` (NIfTI files by :func:`medseg.io.list_cases`, DICOM series
 by :func:`medseg.io.dicom.find_series`). The model (one checkpoint or an ensemble) is loaded once per run. A
@@ -14,7 +22,7 @@ bad input is reported in one line and the other cases go on; a DICOM series that
 affine — for a DICOM series the geometry SimpleITK read), the sidecar ``<case>.json`` (label names, source,
 checkpoints, warnings, the identity below, the predictor's ``info``; for DICOM a ``dicom`` block with
 what a DICOM SEG export needs: study / series / frame-of-reference UIDs, the SOP Instance UIDs and files in
-slice order, patient ID, study date, series number and description) and, with ``statistics=True``,
+slice order, patient ID, study date, series number and description) and, with ``OutputSpec(statistics=True)``,
 ``<case>_stats.json`` (:func:`medseg.export.statistics.organ_statistics` on the original scan's values).
 Per run: ``manifest.jsonl`` (:mod:`medseg.inference.manifest`, one line per case) and, with statistics,
 ``statistics.csv`` rebuilt at the end from every ``*_stats.json`` in OUTDIR (so a resumed or sharded run
@@ -33,11 +41,13 @@ this identity:
   a DICOM series its SeriesInstanceUID and every file's path, size and mtime; for a case from a ``.zip`` the
   archive's stamp and the member names;
 * the model: the SHA-256 of every checkpoint (``Predictor.checkpoint_sha256``: a retrained ``best.pt`` at
-  the same path is another model), the sliding-window overlap, TTA, precision and postprocessing mode.
+  the same path is another model), the sliding-window overlap, TTA, precision and postprocessing mode;
+* the outputs asked for: output types, ``split``, ``uncertainty``
+  (:func:`medseg.inference.batch_cases.run_identity`).
 
 A re-run into the same folder (e.g. after a killed batch) skips complete cases and redoes the rest; a
 complete case without statistics, when they are asked for, gets them from its mask without inference.
-``overwrite=True`` redoes every case.
+``OutputSpec(overwrite=True)`` redoes every case.
 
 **Parts.** With a :class:`medseg.inference.sharding.Part`, only that part's cases are done. Parts can run
 at once into one OUTDIR: each case belongs to exactly one part, temporary files carry their writer's PID
@@ -49,14 +59,14 @@ leaves the full table).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from medseg.config.segment import OutputSpec, SegmentOptions
 from medseg.inference.batch_cases import BatchRun, SegmentReport
 from medseg.inference.ensemble import check_single_channel
-from medseg.inference.exports import ITKSNAP_LABELS, parse_output_types, write_folder_exports
+from medseg.inference.exports import ITKSNAP_LABELS, write_folder_exports
 from medseg.inference.inputs import (
     CaseSource,
     opened_cases,
@@ -70,29 +80,10 @@ from medseg.inference.outputs import is_complete as is_complete
 from medseg.inference.outputs import read_sidecar as read_sidecar
 from medseg.inference.outputs import sidecar_path as sidecar_path
 from medseg.inference.outputs import statistics_path as statistics_path
-from medseg.inference.predictor import POSTPROCESS_MODES, PRECISIONS, Predictor
+from medseg.inference.predictor import Predictor
 from medseg.inference.sharding import Part
 from medseg.io import InputError, is_nifti
-from medseg.io.archive import ArchiveLimits
 from medseg.io.atomic import check_writable, no_space, remove_stale_temps
-
-
-def _jsonable(mode: str | Mapping) -> str | dict:
-    """A postprocessing mode for the identity: the name, or ``{label: rule fields}``."""
-    if isinstance(mode, str):
-        return mode
-    return {str(k): dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in mode.items()}
-
-
-def _check_options(precision: str, postprocess: str | Mapping) -> None:
-    if precision not in ("auto", *PRECISIONS):
-        raise InputError(
-            f"--precision {precision!r} is not valid; valid values: auto, {', '.join(PRECISIONS)}"
-        )
-    if isinstance(postprocess, str) and postprocess not in POSTPROCESS_MODES:
-        raise InputError(
-            f"--postprocess {postprocess!r} is not valid; valid values: {', '.join(POSTPROCESS_MODES)}"
-        )
 
 
 def _prepare_output(input_path: Path, output: Path, single: bool) -> Path:
@@ -142,26 +133,12 @@ def segment_inputs(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
-    device: str = "auto",
-    overlap: float | None = None,
-    sw_batch_size: int | None = None,
-    log: Callable[[str], object] = print,
-    overwrite: bool = False,
+    options: SegmentOptions = SegmentOptions(),
+    outputs: OutputSpec = OutputSpec(),
     *,
-    tta: bool = False,
-    precision: str = "auto",
-    postprocess: str | Mapping = "auto",
-    statistics: bool = False,
     part: Part | None = None,
+    log: Callable[[str], object] = print,
     progress: bool = False,
-    preview: bool = False,
-    attention: bool = False,
-    output_types: str = "nifti",
-    split: bool = False,
-    uncertainty: bool = False,
-    prefetch: int = 1,
-    profile: bool = False,
-    archive_limits: ArchiveLimits | None = None,
 ) -> SegmentReport:
     """Segment every case of ``input_path`` (this ``part``'s share) with one checkpoint or an ensemble.
 
@@ -170,40 +147,25 @@ def segment_inputs(
             ``.zip`` of these (:mod:`medseg.inference.inputs`).
         output: a folder; or, for a single NIfTI input, a ``.nii.gz`` path.
         checkpoints: ``-m`` values: files or folders (:func:`resolve_checkpoints`); several are averaged.
-        device, overlap, sw_batch_size, tta, precision, postprocess: passed to
-            :class:`medseg.inference.predictor.Predictor`.
-        log: receives one progress line per case.
-        overwrite: redo complete cases.
-        statistics: write ``<case>_stats.json`` and rebuild ``statistics.csv``.
-        preview: write ``<case>_preview.png`` / ``<case>_thumb.png`` and the batch review page
-            ``index.html`` (:mod:`medseg.export.review`; rebuilt from every case in the folder).
-        output_types: comma-separated :data:`medseg.inference.exports.OUTPUT_TYPES` (``nifti`` always);
-            ``dicom-seg`` / ``dicom-seg-labelmap`` for DICOM inputs, ``slicer`` (``.seg.nrrd``).
-        split: one 0/1 mask per organ in ``<case>_organs/``.
-        uncertainty: write ``<case>_entropy.nii.gz``, the normalised softmax entropy on the scan's grid
-            (float32, 0 = certain, 1 = uniform). The per-label mean entropy is in every sidecar regardless.
-        attention: write the grid attention coefficients α of every gated level restored to the scan
-            (:func:`medseg.inference.attention.attention_maps`) as float NIfTI, and their overlays (PNG).
+        options: how to segment (:class:`~medseg.config.segment.SegmentOptions`: device, sliding window,
+            TTA, precision and postprocessing for :class:`medseg.inference.predictor.Predictor`; prefetching
+            (:mod:`medseg.inference.lanes`), ``profile`` lines, the caps of a ``.zip`` input).
+        outputs: what to write besides mask and sidecar (:class:`~medseg.config.segment.OutputSpec`: viewer
+            files (:mod:`medseg.inference.exports`), per-organ masks, statistics (``<case>_stats.json`` and
+            ``statistics.csv``), previews and the review page ``index.html`` (:mod:`medseg.export.review`,
+            rebuilt from every case in the folder), attention maps
+            (:func:`medseg.inference.attention.attention_maps`), the entropy map ``<case>_entropy.nii.gz``
+            (the per-label mean entropy is in every sidecar regardless), and ``overwrite`` of complete cases.
         part: the share of the cases to do (:mod:`medseg.inference.sharding`); None: all of them.
+        log: receives one progress line per case.
         progress: show a progress bar over the cases on stderr.
-        prefetch: 1 — read and preprocess the next case and write the last one while the network works on
-            the current one (:mod:`medseg.inference.lanes`); 0 — one case at a time.
-        profile: log one line per case with the seconds of each stage (read, preprocess, network, restore,
-            postprocess, write); they are in the sidecar's ``inference.seconds`` either way.
-        archive_limits: caps for a ``.zip`` input (:class:`medseg.io.archive.ArchiveLimits`; None: the
-            defaults).
 
     Raises:
         InputError: problems of the whole run, not of one case: the input does not exist or holds no case,
             an unsafe or unreadable ``.zip``, a file output for a folder input, an output that cannot be
-            created or would overwrite an input, colliding case names, an unusable option or checkpoint.
+            created or would overwrite an input, colliding case names, an unusable checkpoint.
     """
     input_path, output, part = Path(input_path), Path(output), part or Part()
-    _check_options(precision, postprocess)
-    try:
-        types = parse_output_types(output_types)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
     if not input_path.exists() and not input_path.is_symlink():
         raise InputError(f"{input_path}: input not found")
     single = is_nifti(input_path) and not input_path.is_dir()
@@ -211,40 +173,16 @@ def segment_inputs(
     checkpoints = resolve_checkpoints(checkpoints)
     predictor = Predictor(
         checkpoints,
-        device=device,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        tta=tta,
-        precision=precision,  # auto: bf16 where native (medseg.inference.predictor.autocast_dtype)
-        postprocess=postprocess,
-        uncertainty=uncertainty,
+        device=options.device,
+        overlap=options.overlap,
+        sw_batch_size=options.sw_batch_size,
+        tta=options.tta,
+        precision=options.precision,  # auto: bf16 where native (medseg.inference.predictor.autocast_dtype)
+        postprocess=options.postprocess,
+        uncertainty=outputs.uncertainty,
     )
     check_single_channel(predictor.plan, checkpoints[0])  # k-channel models: one line, before any case
-    identity = {
-        "checkpoint_sha256": list(predictor.checkpoint_sha256),
-        "overlap": predictor.overlap,
-        "tta": bool(tta),
-        "precision": predictor.precision,  # resolved: fp32 | bf16 | fp16
-        "postprocess": _jsonable(postprocess),
-        "output_types": list(types),
-        "split": split,
-        "uncertainty": bool(uncertainty),
-    }
-    batch = BatchRun(
-        predictor,
-        checkpoints,
-        identity,
-        output,
-        single,
-        statistics,
-        overwrite,
-        log,
-        preview,
-        attention,
-        (types, split),
-        prefetch,
-        profile,
-    )
+    batch = BatchRun(predictor, options, outputs, output=output, single=single, log=log)
     report = batch.report
     report.part = part
     report.removed_temps = remove_stale_temps(folder)
@@ -252,10 +190,11 @@ def segment_inputs(
         log(f"removed {len(report.removed_temps)} stale temporary file(s) of an interrupted run in {folder}")
     if removed := remove_stale_extractions(folder):
         log(f"removed {len(removed)} extraction folder(s) of an interrupted run in {folder}")
-    with opened_cases(input_path, folder, limits=archive_limits) as cases, contextlib.ExitStack() as stack:
+    limits = options.archive_limits
+    with opened_cases(input_path, folder, limits=limits) as cases, contextlib.ExitStack() as stack:
         for note in cases.notes:  # archive members that are not inputs: named, not read
             report.warnings.setdefault(str(input_path), []).append(note)
-        _refuse_clashes(cases, output, single, statistics)
+        _refuse_clashes(cases, output, single, outputs.statistics)
         mine = part.select(cases)
         if part.count > 1:
             log(f"{part}: {len(mine)} of {len(cases)} cases")
@@ -267,28 +206,22 @@ def segment_inputs(
             batch.manifest = stack.enter_context(manifest)
         batch.run(mine, progress)
     if not single:
-        _write_folder_files(report, folder, predictor.label_names, statistics, preview, types, split)
+        _write_folder_files(report, folder, predictor.label_names, outputs)
     return report
 
 
 def _write_folder_files(
-    report: SegmentReport,
-    folder: Path,
-    label_names: dict[str, int],
-    statistics: bool,
-    preview: bool,
-    types: tuple[str, ...],
-    split: bool,
+    report: SegmentReport, folder: Path, label_names: dict[str, int], outputs: OutputSpec
 ) -> None:
     """The files of the whole folder (statistics table, ITK-SNAP labels, review page), each rebuilt from
     every case present; one that cannot be written (full disk) is a failure of its own, in one line."""
-    if statistics:
+    if outputs.statistics:
         with _folder_file(report, folder / STATISTICS_CSV):
             report.statistics_csv = write_statistics_table(folder)
-    if "slicer" in types or split:
+    if "slicer" in outputs.types or outputs.split:
         with _folder_file(report, folder / ITKSNAP_LABELS):
             write_folder_exports(folder, label_names)
-    if preview:
+    if outputs.preview:
         from medseg.export.review import collect_cases, write_review_page
 
         with _folder_file(report, folder / "index.html"):

@@ -31,6 +31,7 @@ space is freed continues with them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.config.segment import OutputSpec, SegmentOptions
 from medseg.export.qa import image_info
 from medseg.export.statistics import organ_statistics
 from medseg.inference.exports import (
@@ -122,31 +124,55 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
+def _jsonable(mode: str | Mapping) -> str | dict:
+    """A postprocessing mode for the identity: the name, or ``{label: rule fields}``."""
+    if isinstance(mode, str):
+        return mode
+    return {str(k): dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in mode.items()}
+
+
+def run_identity(predictor: Predictor, options: SegmentOptions, outputs: OutputSpec) -> dict:
+    """What every case's sidecar records of the model and options, beside its input's stamp: a complete case
+    is skipped only when all of it matches (:func:`medseg.inference.outputs.is_complete`). Values as the
+    predictor resolved them (overlap from the checkpoint, precision ``auto`` → fp32 | bf16 | fp16)."""
+    return {
+        "checkpoint_sha256": list(predictor.checkpoint_sha256),
+        "overlap": predictor.overlap,
+        "tta": bool(options.tta),
+        "precision": predictor.precision,
+        "postprocess": _jsonable(options.postprocess),
+        "output_types": list(outputs.types),
+        "split": outputs.split,
+        "uncertainty": bool(outputs.uncertainty),
+    }
+
+
 class BatchRun:
-    """The state of one run and its three per-case steps (module docstring)."""
+    """The state of one run and its three per-case steps (module docstring).
+
+    Args:
+        predictor: the loaded model (its ``checkpoints`` are recorded in every sidecar).
+        options: how the run segments (``prefetch``, ``profile``; the rest is already in ``predictor``).
+        outputs: what each case writes.
+        output: the ``-o`` path: a folder, or the mask of a ``single`` NIfTI input.
+        single: one NIfTI input (``output`` may then name the mask itself).
+        log: receives the progress lines.
+    """
 
     def __init__(
         self,
         predictor: Predictor,
-        checkpoints: list[Path],
-        identity: dict,
+        options: SegmentOptions,
+        outputs: OutputSpec,
+        *,
         output: Path,
         single: bool,
-        statistics: bool,
-        overwrite: bool,
         log: Callable[[str], object],
-        preview: bool = False,
-        attention: bool = False,
-        exports: tuple[tuple[str, ...], bool] = (("nifti",), False),
-        prefetch: int = 1,
-        profile: bool = False,
     ) -> None:
-        self.predictor, self.checkpoints, self.identity = predictor, checkpoints, identity
-        self.output, self.single = output, single
-        self.statistics, self.overwrite, self.log = statistics, overwrite, log
-        self.preview, self.attention = preview, attention
-        self.output_types, self.split = exports
-        self.prefetch, self.profile = prefetch, profile
+        self.predictor, self.options, self.outputs = predictor, options, outputs
+        self.checkpoints = predictor.checkpoints
+        self.identity = run_identity(predictor, options, outputs)
+        self.output, self.single, self.log = output, single, log
         self.report = SegmentReport()
         self.manifest: Manifest | None = None
         self.folder = output.parent if single and output.name.endswith((".nii", ".nii.gz")) else output
@@ -165,7 +191,7 @@ class BatchRun:
                 with tqdm.external_write_mode(file=sys.stdout):
                     self.log(text)
 
-        lanes = run_lanes(cases, self.load, self.compute, self.write, self.prefetch)
+        lanes = run_lanes(cases, self.load, self.compute, self.write, self.options.prefetch)
         # closing: an interruption (SIGINT/SIGTERM) between two results still lets the lanes finish the
         # case in flight before the claims are given back.
         with bar, self.claims, contextlib.closing(lanes):
@@ -173,7 +199,7 @@ class BatchRun:
                 self.claims.release(case.name)
                 say(f"[{i}/{len(cases)}] {outcome.line}")
                 times = [f"{k} {outcome.seconds[k]:.1f}" for k in PROFILE_STAGES if k in outcome.seconds]
-                if self.profile and times:
+                if self.options.profile and times:
                     total = outcome.seconds.get("case", 0.0)
                     say(f"  profile {case.label}: {', '.join(times)} s (case {total:.1f} s)")
                 self._append_manifest(case, outcome)
@@ -218,12 +244,12 @@ class BatchRun:
             if case.kind == "nifti":
                 check_case_file(case.path)
             job.identity = {self._source_key(case): case_stamp(case), **self.identity}
-            if not self.overwrite and is_complete(dst, job.identity):
+            if not self.outputs.overwrite and is_complete(dst, job.identity):
                 return self._complete(case, dst)
             if holder := self.claims.claim(case.name):
                 report.claimed[case.source] = holder
                 return _Outcome("claimed", None, f"{case.label}: left to {holder}, which is segmenting it")
-            if not self.overwrite and is_complete(dst, job.identity):  # finished while we claimed
+            if not self.outputs.overwrite and is_complete(dst, job.identity):  # finished while we claimed
                 return self._complete(case, dst)
             if case.kind == "nifti":
                 job.prepared = self.predictor.prepare(case.path)
@@ -336,7 +362,7 @@ class BatchRun:
         dst.unlink(missing_ok=True)
         statistics_path(dst).unlink(missing_ok=True)
         atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
-        if self.statistics:
+        if self.outputs.statistics:
             image = np.asanyarray(pred.reference.dataobj)
             self._write_statistics(case, dst, pred.labels, image, pred.reference.affine, pred.label_names)
         for old in (*preview_paths(dst), uncertainty_path(dst)):
@@ -347,18 +373,18 @@ class BatchRun:
             write_uncertainty(dst, pred)
         pred.info.setdefault("seconds", {})["write"] = round(time.monotonic() - t0, 3)
         atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
-        if self.preview:
+        if self.outputs.preview:
             write_previews(dst, pred.reference, pred.labels, pred.label_names)
-        if self.attention:
+        if self.outputs.attention:
             sidecar["warnings"].extend(write_attention(dst, self.predictor, pred))
-        if self.output_types != ("nifti",) or self.split:
+        if self.outputs.viewer_files:
             try:
                 sidecar["exports"], notes = write_case_exports(
                     case,
                     dst,
                     pred,
-                    self.output_types,
-                    self.split,
+                    self.outputs.types,
+                    self.outputs.split,
                     self.checkpoints[0],
                     self.identity["checkpoint_sha256"][0],
                 )
@@ -375,7 +401,7 @@ class BatchRun:
 
     def _complete_previews(self, case: CaseSource, dst: Path) -> str:
         """Previews for a complete case that has none yet (from its mask and scan, no inference)."""
-        if not self.preview or all(p.is_file() for p in preview_paths(dst)):
+        if not self.outputs.preview or all(p.is_file() for p in preview_paths(dst)):
             return ""
         import nibabel as nib
 
@@ -400,7 +426,7 @@ class BatchRun:
 
     def _complete_statistics(self, case: CaseSource, dst: Path) -> str:
         """Statistics for a complete case that has none yet (from its mask and scan, no inference)."""
-        if not self.statistics or statistics_path(dst).is_file():
+        if not self.outputs.statistics or statistics_path(dst).is_file():
             return ""
         import nibabel as nib
 

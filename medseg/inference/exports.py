@@ -10,6 +10,9 @@
   overlay on the CT, ``<case>_alpha_levelN.png``;
 * ``--uncertainty`` — the normalised softmax entropy on the scan's grid, ``<case>_entropy.nii.gz`` (float32).
 
+The ``--output-type`` names and their check are :data:`medseg.config.segment.OUTPUT_TYPES` and
+:func:`medseg.config.segment.parse_output_types` (torch-free, so the command line checks them instantly).
+
 The ITK-SNAP label description file (one per output folder, :func:`write_folder_exports`) lets ITK-SNAP open
 every ``<case>.nii.gz`` with names and colours.
 """
@@ -25,20 +28,7 @@ from medseg.inference.inputs import CaseSource
 from medseg.inference.predictor import Prediction
 from medseg.io import atomic_path, case_name, save_like
 
-#: ``--output-type`` values besides the NIfTI label map every case gets.
-OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-seg-labelmap", "slicer")
 ITKSNAP_LABELS = "itksnap_labels.txt"
-
-
-def parse_output_types(text: str) -> tuple[str, ...]:
-    """``"nifti,dicom-seg"`` → ``("nifti", "dicom-seg")``; an unknown name is a ``ValueError`` listing the valid ones."""
-    types = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [t for t in types if t not in OUTPUT_TYPES]
-    if unknown or not types:
-        raise ValueError(
-            f"--output-type {text!r} is not valid; valid values (comma-separated): {', '.join(OUTPUT_TYPES)}"
-        )
-    return types
 
 
 def write_case_exports(

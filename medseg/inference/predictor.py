@@ -1,10 +1,17 @@
 """Segment a scan with one checkpoint or an ensemble: preprocess with the plan, slide, average, restore, clean.
 
+The one inference path of medseg: ``medseg segment``, :func:`medseg.segment`, the attention maps
+(:mod:`medseg.inference.attention`) and the validation of a training run (:mod:`medseg.engine.validation`,
+with :meth:`Predictor.from_network` on the network being trained) all run :meth:`Predictor.predict` — the
+same preprocessing, sliding window (:func:`medseg.inference.sliding.sliding_window_logits`), precision
+(:func:`medseg.device.resolve_precision`) and restore to the scan's geometry.
+
 >>> predictor = Predictor("runs/demo/best.pt")            # doctest: +SKIP
 >>> result = predictor.predict("ct.nii.gz")                 # doctest: +SKIP
 >>> result.labels.shape == result.reference.shape           # doctest: +SKIP
 True
 >>> Predictor(["fold0/best.pt", "fold1/best.pt"], tta=True, precision="bf16")   # doctest: +SKIP
+>>> Predictor.from_network(net, plan, {"background": 0, "liver": 1})   # doctest: +SKIP
 
 Memory. Stages of :meth:`Predictor.predict` and what each adds at its peak, counted per voxel of the input grid
 (``N`` voxels, ``s`` bytes each as stored: 2 for int16) and of the model grid (``M`` voxels after the body crop;
@@ -39,11 +46,9 @@ that CT.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +59,18 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.config import checkpoint_config
-from medseg.device import resolve_device
-from medseg.inference.ensemble import check_ensemble, check_single_channel
+from medseg.config import Config, InferConfig
+from medseg.device import PRECISIONS as PRECISIONS
+from medseg.device import resolve_device, resolve_precision
+from medseg.inference.ensemble import check_single_channel
 from medseg.inference.fast import prepare_network
+from medseg.inference.loading import LoadedCheckpoints, load_checkpoints
+from medseg.inference.loading import model_from_checkpoint as model_from_checkpoint
+from medseg.inference.loading import state_dict_differences as state_dict_differences
 from medseg.inference.maps import argmax_labels, entropy_map, label_means, restore_map
 from medseg.inference.postprocess import ComponentRule
+from medseg.inference.prepared import Prepared, _Stages
+from medseg.inference.prepared import peak_rss_gb as peak_rss_gb
 from medseg.inference.preprocess import preprocess
 from medseg.inference.restore import restore_labels
 from medseg.inference.rules import clean_labels, component_rules
@@ -72,13 +83,9 @@ from medseg.inference.sliding import (
 )
 from medseg.inference.tta import average_probabilities, choose_flips, sagittal_axis
 from medseg.io import InputError, load_volume, voxel_spacing
-from medseg.io.checkpoint import load_checkpoint
-from medseg.nets.registry import build_network
 from medseg.transforms import infer_transforms
 from medseg.transforms.presets import BODY_HU_THRESHOLD, body_mask
 
-#: ``precision`` values besides ``auto``: float32, bfloat16 autocast (CPU and CUDA), float16 autocast (CUDA).
-PRECISIONS = ("fp32", "bf16", "fp16")
 #: ``postprocess`` values besides a mapping ``label → rule``.
 POSTPROCESS_MODES = ("auto", "none")
 
@@ -87,13 +94,13 @@ POSTPROCESS_MODES = ("auto", "none")
 class Prediction:
     """A label map in the input's voxel grid, the input image it belongs to, and the label names.
 
-    ``info`` describes how it was made: ``checkpoints`` (paths), ``tta_flips`` (model-space axes of each
-    mirrored pass, ``[[]]`` without mirroring), ``precision``, ``model_grid`` (shape after preprocessing),
-    ``postprocess`` (per label name: ``label``, ``largest_only``, ``min_ml``, ``removed_voxels``),
-    ``mean_entropy`` (per label name: the mean normalised softmax entropy inside the label, see
-    :meth:`Predictor.predict`), ``seconds``
-    per stage (read, preprocess, network, restore, postprocess, total) and ``peak_rss_gb`` (the process's peak
-    resident memory so far, after each stage).
+    ``info`` describes how it was made: ``checkpoints`` (paths; ``[]`` for a network given in memory),
+    ``tta_flips`` (model-space axes of each mirrored pass, ``[[]]`` without mirroring), ``precision``,
+    ``model_grid`` (shape after preprocessing), ``postprocess`` (per label name: ``label``, ``largest_only``,
+    ``min_ml``, ``removed_voxels``), ``mean_entropy`` (per label name: the mean normalised softmax entropy
+    inside the label, see :meth:`Predictor.predict`), ``seconds`` per stage (read, preprocess, network,
+    restore, postprocess, total) and ``peak_rss_gb`` (the process's peak resident memory so far, after each
+    stage).
     """
 
     labels: np.ndarray
@@ -104,147 +111,25 @@ class Prediction:
     info: dict[str, Any] = field(default_factory=dict)
     # Normalised softmax entropy on the input grid (float32, 0 = certain, 1 = uniform), when asked for.
     uncertainty: np.ndarray | None = None
-
-
-def _shape(tensor: torch.Tensor) -> str:
-    return "[" + ",".join(str(n) for n in tensor.shape) + "]"
-
-
-def state_dict_differences(saved: dict, expected: dict) -> list[str]:
-    """Where saved weights do not fit a network's ``state_dict``: one phrase per tensor, network order.
-
-    A tensor differs when its shape differs, when the network has it and the file does not, or the file has
-    it and the network does not — what makes ``load_state_dict`` fail, counted here instead of parsed from
-    PyTorch's error text.
-    """
-    out = []
-    for key, tensor in expected.items():
-        if key not in saved:
-            out.append(f"{key} {_shape(tensor)} missing from the file")
-        elif tuple(saved[key].shape) != tuple(tensor.shape):
-            out.append(f"{key} {_shape(saved[key])} vs {_shape(tensor)}")
-    out += [f"{key} {_shape(saved[key])} not in the network" for key in saved if key not in expected]
-    return out
-
-
-def model_from_checkpoint(
-    ckpt: dict, device: torch.device, path: str | os.PathLike = "checkpoint"
-) -> torch.nn.Module:
-    """Rebuild the network recorded in a checkpoint (config migrated if older) and load its weights (eval).
-
-    Raises:
-        ConfigError: the recorded config is incomplete or invalid (from :func:`checkpoint_config`).
-        InputError: the weights do not fit the recorded network, e.g. ``best.pt: weights do not match the
-            recorded network: 85 tensors differ, first encoder.0.0.0.weight [4,1,3,3,3] vs [8,1,3,3,3]``
-            (shape in the file vs shape in the network).
-    """
-    cfg = checkpoint_config(ckpt, path)
-    plan = ckpt["plan"]
-    try:
-        model = build_network(
-            cfg.model, plan.get("in_channels", 1), len(ckpt["labels"]), plan.get("pool_kernels")
-        )
-    except ValueError as exc:  # pool kernels that do not fit the recorded network's depth
-        raise InputError(f"{path}: {exc}") from None
-    differ = state_dict_differences(ckpt["model"], model.state_dict())
-    if differ:
-        count = f"{len(differ)} tensor{'s differ' if len(differ) > 1 else ' differs'}"
-        raise InputError(f"{path}: weights do not match the recorded network: {count}, first {differ[0]}")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:  # same names and shapes, yet refused (e.g. a dtype torch cannot copy)
-        raise InputError(
-            f"{path}: weights do not match the recorded network ({str(exc).splitlines()[0]})"
-        ) from None
-    return model.to(device).eval()
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): there bf16 convolutions beat float32;
-    elsewhere oneDNN emulates them and float32 is faster."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    # Class probabilities (K, *input shape) on the input grid (float32), when asked for.
+    probabilities: np.ndarray | None = None
 
 
 def autocast_dtype(precision: str | None, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """``(dtype for torch.autocast or None, name)`` for a ``precision`` on ``device``.
-
-    ``"fp32"``: no autocast (exact float32). ``"bf16"``: bfloat16 autocast of the network on the CPU or CUDA;
-    ``"fp16"``: float16 autocast, CUDA only. ``"auto"`` or None, the default, is the fast path that keeps the
-    masks: bf16 on a CPU with native bf16 (:func:`native_bf16_cpu`, else fp32) and on a GPU that has it (else
-    fp16). The stitched logits stay float32 in every case. The agreement of bf16 with fp32 masks (Dice ≥ 0.99
-    per label on the demo's held-out phantoms) is measured by ``python -m pipelines.bench_precision``.
+    """``(autocast dtype or None, name)``: :func:`medseg.device.resolve_precision` as a pair (older callers).
 
     Raises:
-        ValueError: an unknown precision, or fp16 on the CPU.
+        ValueError: an unknown precision, or fp16 off CUDA.
     """
-    if precision in (None, "auto"):
-        if device.type == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-            return (torch.bfloat16, "bf16") if bf16 else (torch.float16, "fp16")
-        return (torch.bfloat16, "bf16") if native_bf16_cpu() else (None, "fp32")
-    if precision == "fp32":
-        return None, "fp32"
-    if precision == "bf16":
-        return torch.bfloat16, "bf16"
-    if precision == "fp16" and device.type == "cuda":
-        return torch.float16, "fp16"
-    if precision == "fp16":
-        raise ValueError("precision 'fp16' needs a CUDA device; on the CPU use bf16 or fp32")
-    raise ValueError(f"unknown precision {precision!r}; valid: auto, {', '.join(PRECISIONS)}")
+    resolved = resolve_precision(precision, device)
+    return resolved.dtype, resolved.name
 
 
-def peak_rss_gb() -> float | None:
-    """The process's peak resident memory so far in GB (``getrusage``), or None where unavailable."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)  # bytes on macOS, KiB on Linux
-
-
-class _Stages:
-    """Seconds per stage and the running peak RSS after each (``Prediction.info``); ``earlier``: the stages
-    of a :class:`Prepared` scan, counted in the total."""
-
-    def __init__(self, earlier: _Stages | None = None) -> None:
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = dict(earlier.seconds) if earlier else {}
-        self.peak: dict[str, float | None] = dict(earlier.peak) if earlier else {}
-        self.start -= sum(self.seconds.values())
-
-    def done(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self.last, 3)
-        self.peak[stage] = peak_rss_gb()
-        self.last = now
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "seconds": {**self.seconds, "total": round(time.perf_counter() - self.start, 3)},
-            "peak_rss_gb": self.peak,
-        }
-
-
-@dataclass
-class Prepared:
-    """A scan read and preprocessed ahead of the network (:meth:`Predictor.prepare`, e.g. in a loader thread
-    while the network works on the previous scan); :meth:`Predictor.predict` takes it instead of a path and
-    releases its model-space image."""
-
-    reference: nib.spatialimages.SpatialImage
-    image: MetaTensor | None
-    stages: _Stages
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def _channel_files(source: object) -> list[str] | None:
+    """The files of a list or tuple of paths (one per input channel), else None."""
+    if isinstance(source, list | tuple) and source and all(isinstance(p, str | os.PathLike) for p in source):
+        return [str(p) for p in source]
+    return None
 
 
 class Predictor:
@@ -259,11 +144,14 @@ class Predictor:
             config, the window from each checkpoint's own config or patch size.
         tta: test-time mirroring (:mod:`medseg.inference.tta`): flips the plan's ``mirror_axes`` allow, and
             the sagittal flip when the label names give a left/right swap table.
-        precision: ``"auto"`` (or None) | ``"fp32"`` | ``"bf16"`` | ``"fp16"`` (see :func:`autocast_dtype`).
+        precision: ``"auto"`` (or None) | ``"fp32"`` | ``"bf16"`` | ``"fp16"``
+            (:func:`medseg.device.resolve_precision`).
         postprocess: ``"auto"`` (the rules recorded in the first checkpoint, none if it has none), ``"none"``,
             or a mapping ``label (index or name) → ComponentRule or {"largest_only", "min_ml"}``.
         uncertainty: also restore the voxel-wise normalised softmax entropy to the input grid
             (``Prediction.uncertainty``, float32; one more float map of the scan's size).
+
+    A network in memory (no file) gives a predictor through :meth:`from_network`.
 
     Raises:
         InputError: an unusable checkpoint, checkpoints that cannot be averaged, malformed rules.
@@ -286,41 +174,87 @@ class Predictor:
         paths = [checkpoints] if isinstance(checkpoints, str | os.PathLike) else list(checkpoints)
         if not paths:
             raise ValueError("no checkpoint given")
-        if isinstance(postprocess, str) and postprocess not in POSTPROCESS_MODES:
-            raise ValueError(
-                f"unknown postprocess {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)} or a mapping"
-            )
-        self.device = resolve_device(device)
-        self.checkpoints = [Path(p) for p in paths]
-        self.checkpoint = self.checkpoints[0]
-        self.models: list[torch.nn.Module] = []
-        self.roi_sizes: list[list[int]] = []
-        self.checkpoint_sha256: list[str] = []
-        recorded: list[tuple[Path, dict]] = []
-        for path in self.checkpoints:
-            ckpt = load_checkpoint(path)
-            self.checkpoint_sha256.append(_sha256(path))
-            config = checkpoint_config(ckpt, path)
-            summary = {"labels": ckpt["labels"], "plan": ckpt["plan"], "postprocess": ckpt.get("postprocess")}
-            recorded.append((path, summary))
-            check_ensemble(recorded)  # before building further networks
-            self.models.append(model_from_checkpoint(ckpt, self.device, path))
-            window = roi_size or config.infer.roi_size or ckpt["plan"]["patch_size"]
-            self.roi_sizes.append([int(r) for r in window])
-            if len(recorded) == 1:
-                self.config = config
-            del ckpt  # the weights live in the network now
-        first = recorded[0][1]
-        self.plan = first["plan"]
-        self.label_names = {str(k): int(v) for k, v in first["labels"].items()}
-        self.model = self.models[0]
-        infer = self.config.infer
-        self.roi_size = self.roi_sizes[0]
+        _check_postprocess(postprocess)
+        resolved = resolve_device(device)
+        loaded = load_checkpoints(paths, resolved, roi_size)
+        self._setup(loaded, resolved, overlap, sw_batch_size, tta, precision, postprocess, uncertainty)
+
+    @classmethod
+    def from_network(
+        cls,
+        network: torch.nn.Module,
+        plan: Mapping[str, Any],
+        label_names: Mapping[str, int],
+        *,
+        device: str | torch.device = "auto",
+        precision: str | None = None,
+        tta: bool = False,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        roi_size: Sequence[int] | None = None,
+        postprocess: str | Mapping[Any, Any] = "none",
+        uncertainty: bool = False,
+        config: Config | None = None,
+    ) -> Predictor:
+        """A predictor for a network in memory — e.g. the one being trained — with the plan it was trained
+        with (orientation, spacing, intensity, body crop, patch; a run's ``plan.json``) and its label names.
+
+        Everything else is as for checkpoints: ``overlap``, ``sw_batch_size`` and the blending mode default to
+        ``config.infer`` (the config defaults without ``config``), the window to ``config.infer.roi_size`` or
+        the plan's ``patch_size``; ``postprocess`` is ``"none"`` or a mapping (no rules are recorded in memory;
+        ``"auto"`` means none). The network is used as it is (eval mode, moved to ``device``); in a lower
+        precision a copy runs (:func:`medseg.inference.fast.prepare_network`), so later changes to its weights
+        need a new predictor.
+
+        Example:
+            >>> net = medseg.create_network("attention_unet", 1, 3)                       # doctest: +SKIP
+            >>> plan = json.loads(Path("runs/demo/plan.json").read_text())                # doctest: +SKIP
+            >>> Predictor.from_network(net, plan, plan["labels"]).predict("ct.nii.gz")    # doctest: +SKIP
+
+        Raises:
+            TypeError: ``network`` is not a ``torch.nn.Module``.
+            ValueError: an unknown ``precision`` or ``postprocess`` mode, or a plan without the preprocessing.
+        """
+        if not isinstance(network, torch.nn.Module):
+            raise TypeError(f"network: expected a torch.nn.Module, got {type(network).__name__}")
+        missing = [k for k in ("orientation", "spacing", "intensity", "patch_size") if k not in plan]
+        if missing:
+            raise ValueError(f"plan: missing {', '.join(missing)} (a run's plan.json holds them)")
+        _check_postprocess(postprocess)
+        resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        config = config or Config()
+        loaded = LoadedCheckpoints(
+            paths=[],
+            sha256=[],
+            models=[network.to(resolved).eval()],
+            roi_sizes=[[int(r) for r in (roi_size or config.infer.roi_size or plan["patch_size"])]],
+            config=config,
+            plan=dict(plan),
+            label_names={str(k): int(v) for k, v in label_names.items()},
+            postprocess=None,
+            mirror_axes=sorted(int(a) for a in plan.get("mirror_axes", [])),
+        )
+        self = cls.__new__(cls)
+        self._setup(loaded, resolved, overlap, sw_batch_size, tta, precision, postprocess, uncertainty)
+        return self
+
+    def _setup(
+        self, loaded: LoadedCheckpoints, device: torch.device, overlap: float | None, sw_batch_size: int | None,
+        tta: bool, precision: str | None, postprocess: str | Mapping[Any, Any], uncertainty: bool,
+    ) -> None:  # fmt: skip
+        """The state both constructors share: networks and windows, precision, mirroring, postprocessing."""
+        self.device, self.checkpoints, self.checkpoint_sha256 = device, loaded.paths, loaded.sha256
+        self.checkpoint = loaded.paths[0] if loaded.paths else Path("network")
+        self.models, self.roi_sizes, self.config = loaded.models, loaded.roi_sizes, loaded.config
+        self.plan, self.label_names = loaded.plan, loaded.label_names
+        self.model, self.roi_size = self.models[0], self.roi_sizes[0]
+        infer: InferConfig = self.config.infer
         self.overlap = infer.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
         self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
-        self.autocast, self.precision = autocast_dtype(precision, self.device)
+        resolved = resolve_precision(precision, self.device)
+        self.autocast, self.precision = resolved.dtype, resolved.name
         self.networks = [prepare_network(m, self.device, self.autocast) for m in self.models]
         self.tta = bool(tta)
         self.uncertainty = bool(uncertainty)
@@ -329,15 +263,14 @@ class Predictor:
         self.swap: dict[int, int] | None = None
         self.flips: list[tuple[int, ...]] = [()]
         if self.tta:
-            shared = set.intersection(
-                *({int(a) for a in p["plan"].get("mirror_axes", [])} for _, p in recorded)
-            )
             self.flips, self.swap, self.tta_note = choose_flips(
-                self.label_names, self.plan["orientation"], sorted(shared)
+                self.label_names, self.plan["orientation"], loaded.mirror_axes
             )
-        if isinstance(postprocess, str):
-            raw = first["postprocess"] if postprocess == "auto" else None
-            source = f"{self.checkpoint} (recorded postprocessing)"
+        if isinstance(postprocess, str):  # "auto": the first checkpoint's recorded rules (none in memory)
+            raw = loaded.postprocess if postprocess == "auto" else None
+            source = (
+                f"{self.checkpoint} (recorded postprocessing)" if postprocess == "auto" else "postprocess"
+            )
         else:
             raw, source = postprocess, "postprocess"
         self.postprocess_rules: dict[int, ComponentRule] = component_rules(raw, self.label_names, source)
@@ -404,9 +337,29 @@ class Predictor:
             raise InputError(f"{name}: voxel data contains NaN or infinite values")
         return source
 
-    def prepare(self, source: str | os.PathLike | nib.spatialimages.SpatialImage) -> Prepared:
-        """Read (a path) and preprocess one scan for :meth:`predict`; raises as :meth:`predict` does."""
+    def prepare(
+        self, source: str | os.PathLike | nib.spatialimages.SpatialImage | Sequence[str | os.PathLike]
+    ) -> Prepared:
+        """Read (a path) and preprocess one scan for :meth:`predict`; raises as :meth:`predict` does.
+
+        A model trained on ``k`` input channels (an nnU-Net dataset, ``plan["in_channels"]``) takes the list
+        of its ``k`` co-registered channel files, read and stacked as in training (MONAI's loader); the mask
+        gets the first file's grid. A single scan for such a model is refused
+        (:func:`medseg.inference.ensemble.check_single_channel`).
+
+        Raises:
+            TypeError: ``source`` is none of those (e.g. a bare array: :func:`medseg.segment` takes one with
+                its affine).
+        """
         stages = _Stages()
+        files = _channel_files(source)
+        if files is not None:
+            return self._prepare_channels(files, stages)
+        if not isinstance(source, str | os.PathLike | nib.spatialimages.SpatialImage):
+            raise TypeError(
+                "expected a NIfTI path, a nibabel image, a list of channel files or a Prepared scan, got "
+                f"{type(source).__name__}; an array needs its affine: medseg.segment(array, model, affine=...)"
+            )
         check_single_channel(self.plan, self.checkpoint, source)
         reference = self._read(source)
         stages.done("read")
@@ -414,9 +367,31 @@ class Predictor:
         stages.done("preprocess")
         return Prepared(reference, image, stages)
 
-    def predict(self, source: str | os.PathLike | nib.spatialimages.SpatialImage | Prepared) -> Prediction:
-        """Segment one scan — a NIfTI path, an image already read (e.g. :func:`medseg.io.dicom.read_series`) or
-        a :class:`Prepared` scan.
+    def _prepare_channels(self, files: list[str], stages: _Stages) -> Prepared:
+        k = int(self.plan.get("in_channels", 1))
+        if len(files) == 1:
+            return self.prepare(files[0])
+        if len(files) != k:
+            raise InputError(f"{files[0]}: {len(files)} channel files given, {self.checkpoint} takes {k}")
+        reference = load_volume(files[0])
+        stages.done("read")
+        try:
+            image = infer_transforms(self.plan, load=True)({"image": files})["image"]
+        except RuntimeError as exc:  # MONAI wraps the reader's InputError
+            raise next(
+                (e for e in (exc.__cause__, exc.__context__) if isinstance(e, InputError)), exc
+            ) from None
+        stages.done("preprocess")
+        return Prepared(reference, image, stages)
+
+    def predict(
+        self,
+        source: str | os.PathLike | nib.spatialimages.SpatialImage | Sequence[str | os.PathLike] | Prepared,
+        *,
+        probabilities: bool = False,
+    ) -> Prediction:
+        """Segment one scan — a NIfTI path, an image already read (e.g. :func:`medseg.io.dicom.read_series`),
+        a list of channel files (:meth:`prepare`) or a :class:`Prepared` scan.
 
         A scan with no body (the plan crops to voxels above :data:`BODY_HU_THRESHOLD` HU and none is left:
         all air, or the few dense voxels vanish when resampled to the model grid) has nothing to segment:
@@ -428,6 +403,9 @@ class Predictor:
         (before restore and postprocessing, so no input-sized float map is needed) into
         ``info["mean_entropy"]`` — what the review page's ``low_confidence`` rule reads. With
         ``uncertainty=True`` the map itself is restored to the input grid (``Prediction.uncertainty``).
+        With ``probabilities=True`` the class probabilities are restored to the input grid too
+        (``Prediction.probabilities``, ``(K, *shape)`` float32, bilinear, 0 outside the body crop; ``4 K N``
+        bytes more).
 
         Raises:
             InputError: unusable input (one line naming the file).
@@ -446,21 +424,7 @@ class Predictor:
             info["tta_note"] = self.tta_note
         shape = tuple(int(n) for n in reference.shape[:3])
         if min(image.shape[1:]) == 0:
-            dense = np.any(body_mask(np.asanyarray(reference.dataobj)))
-            cause = (
-                f"no body left on the model grid (voxels above {BODY_HU_THRESHOLD:g} HU vanish when "
-                "resampled)"
-                if dense
-                else f"no body found (no voxel above {BODY_HU_THRESHOLD:g} HU)"
-            )
-            return Prediction(
-                labels=np.zeros(shape, dtype=np.uint8),
-                reference=reference,
-                label_names=self.label_names,
-                warnings=[f"{cause}: empty mask written"],
-                info={**info, "postprocess": {}, "mean_entropy": {}, **stages.info()},
-                uncertainty=np.zeros(shape, np.float32) if self.uncertainty else None,
-            )
+            return self._no_body(reference, shape, info, stages, probabilities)
         probs, warnings = self._average(image)
         model_affine = image.affine
         del image
@@ -468,6 +432,7 @@ class Predictor:
         entropy = entropy_map(probs)
         info["mean_entropy"] = label_means(entropy, argmax_labels(probs), self.label_names)
         labels = restore_labels(probs, model_affine, reference.affine, shape)
+        restored = restore_map(probs, model_affine, reference.affine, shape) if probabilities else None
         del probs
         uncertainty = None
         if self.uncertainty:
@@ -484,6 +449,36 @@ class Predictor:
             warnings=warnings,
             info={**info, **stages.info()},
             uncertainty=uncertainty,
+            probabilities=restored,
+        )
+
+    def _no_body(self, reference, shape, info, stages, probabilities: bool) -> Prediction:
+        """The all-background result of a scan with nothing left on the model grid (see :meth:`predict`)."""
+        dense = np.any(body_mask(np.asanyarray(reference.dataobj)))
+        cause = (
+            f"no body left on the model grid (voxels above {BODY_HU_THRESHOLD:g} HU vanish when resampled)"
+            if dense
+            else f"no body found (no voxel above {BODY_HU_THRESHOLD:g} HU)"
+        )
+        probs = None
+        if probabilities:
+            probs = np.zeros((len(self.label_names), *shape), np.float32)
+            probs[0] = 1.0
+        return Prediction(
+            labels=np.zeros(shape, dtype=np.uint8),
+            reference=reference,
+            label_names=self.label_names,
+            warnings=[f"{cause}: empty mask written"],
+            info={**info, "postprocess": {}, "mean_entropy": {}, **stages.info()},
+            uncertainty=np.zeros(shape, np.float32) if self.uncertainty else None,
+            probabilities=probs,
+        )
+
+
+def _check_postprocess(postprocess: object) -> None:
+    if isinstance(postprocess, str) and postprocess not in POSTPROCESS_MODES:
+        raise ValueError(
+            f"unknown postprocess {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)} or a mapping"
         )
 
 

@@ -36,12 +36,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.inference.exports import (
-    ITKSNAP_LABELS,
-    parse_output_types,
-    write_case_exports,
-    write_folder_exports,
-)
+from medseg.config.segment import ExportOptions
+from medseg.inference.exports import ITKSNAP_LABELS, write_case_exports, write_folder_exports
 from medseg.inference.inputs import CaseSource, remove_stale_extractions
 from medseg.inference.outputs import sidecar_path
 from medseg.inference.predictor import Prediction
@@ -73,35 +69,31 @@ def segmented_cases(folder: Path) -> list[Path]:
 
 def export_outputs(
     folder: str | os.PathLike,
-    output_types: str = "dicom-seg",
-    split: bool = False,
-    log: Callable[[str], object] = print,
+    options: ExportOptions = ExportOptions(),
     *,
-    source_root: str | os.PathLike | None = None,
+    log: Callable[[str], object] = print,
 ) -> ExportReport:
-    """Write ``output_types`` (``dicom-seg``, ``dicom-seg-labelmap``, ``slicer``) and, with ``split``, the
-    per-organ masks for every segmented case of a ``medseg segment`` output ``folder``.
+    """Write ``options.types`` (``dicom-seg``, ``dicom-seg-labelmap``, ``slicer``) and, with
+    ``options.split``, the per-organ masks for every segmented case of a ``medseg segment`` output ``folder``
+    (:class:`~medseg.config.segment.ExportOptions`; an unknown type fails when the options are made).
 
     Every case's sidecar is checked against its schema (:mod:`medseg.inference.sidecar`), and a DICOM case's
     source is opened only as recorded and confined (:mod:`medseg.inference.recorded_series`): to
-    ``source_root`` too when given. A case that fails either is reported in ``failed``, the others go on.
+    ``options.source_root`` too when given. A case that fails either is reported in ``failed``, the others go
+    on.
 
     Raises:
-        InputError: the folder does not exist or holds no segmented case, an unknown output type, or a
-            ``source_root`` that is not a folder.
+        InputError: the folder does not exist or holds no segmented case, or a ``source_root`` that is not a
+            folder.
     """
-    folder = Path(folder)
-    try:
-        types = parse_output_types(output_types)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    folder, types, split = Path(folder), options.types, options.split
     if not folder.is_dir():
         raise InputError(f"{folder}: output folder not found")
     root = None
-    if source_root is not None:
-        root = Path(source_root).resolve()
+    if options.source_root is not None:
+        root = options.source_root.resolve()
         if not root.is_dir():
-            raise InputError(f"{source_root}: --source-root is not a folder")
+            raise InputError(f"{options.source_root}: --source-root is not a folder")
     masks = segmented_cases(folder)
     if not masks:
         raise InputError(f"{folder}: no segmented case found (no <case>.nii.gz with its <case>.json sidecar)")

@@ -1,7 +1,12 @@
 """Sliding-window inference: MONAI ``sliding_window_inference`` with Gaussian weighting, as small functions.
 
-* :func:`sliding_window_logits` — the stitched logits, with the autocast dtype and the devices of the windows
-  and of the stitching buffer as arguments.
+This module is medseg's one caller of MONAI's sliding window: segmentation, test-time mirroring and ensembles
+(:class:`medseg.inference.Predictor`), training's validation (through the predictor) and the attention maps
+(:mod:`medseg.inference.attention`, whose windows return α instead of logits) all stitch through
+:func:`sliding_window_logits`.
+
+* :func:`sliding_window_logits` — the stitched logits (or any per-window map), with the autocast dtype and the
+  devices of the windows and of the stitching buffer as arguments.
 * :func:`softmax_` — softmax over the class axis in place (no second ``K × volume`` buffer).
 * :func:`stitching_device` — where the stitching buffer goes on CUDA: the GPU when the estimate of
   :func:`stitching_bytes` fits in its free memory, else the CPU (nnU-Net's choice, made before the first window);
@@ -37,7 +42,7 @@ CPU_STITCHING_WARNING = "stitching on the CPU: the volume did not fit in GPU mem
 
 @torch.no_grad()
 def sliding_window_logits(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     roi_size: Sequence[int],
     overlap: float = 0.5,
@@ -53,7 +58,8 @@ def sliding_window_logits(
     """Logits ``(B, K, *image.shape[2:])`` by Gaussian-weighted sliding windows, float32.
 
     Args:
-        model, image, roi_size, overlap, sw_batch_size, mode: as MONAI's ``sliding_window_inference``
+        model: the network (put in eval mode), or any callable ``windows (b, C, *roi) → (b, K, *roi)``.
+        image, roi_size, overlap, sw_batch_size, mode: as MONAI's ``sliding_window_inference``
             (volumes smaller than the window are padded, and the result cropped back).
         amp: fp16 autocast when the windows run on CUDA (training's validation); ignored when
             ``autocast_dtype`` is given.
@@ -63,7 +69,8 @@ def sliding_window_logits(
         out_device: device of the stitching buffer (default: ``image.device``).
         progress: a progress bar over the windows on stderr (MONAI's tqdm bar), for large volumes.
     """
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     roi = [int(r) for r in roi_size]
     window_device = torch.device(sw_device) if sw_device is not None else image.device
     if autocast_dtype is not None:

@@ -274,17 +274,15 @@ def load_volume(path: str | os.PathLike, max_bytes: int = MAX_VOLUME_BYTES) -> n
     return out
 
 
-def save_like(
-    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype: type = np.uint8
-) -> Path:
-    """Write ``array`` with the reference image's exact shape, affine, qform and sform, atomically.
+def image_like(array: np.ndarray, reference: nib.Nifti1Image, dtype: type = np.uint8) -> nib.Nifti1Image:
+    """``array`` as an in-memory NIfTI image with the reference image's exact shape, affine, qform and sform.
 
     Raises:
         ValueError: if the array's shape differs from the reference's 3D shape.
     """
     shape = tuple(reference.shape[:3])
     if tuple(array.shape) != shape:
-        raise ValueError(f"{path}: array shape {tuple(array.shape)} differs from reference shape {shape}")
+        raise ValueError(f"array shape {tuple(array.shape)} differs from reference shape {shape}")
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     header.set_data_shape(shape)
@@ -295,6 +293,22 @@ def save_like(
     img.header["scl_inter"] = 0.0
     img.header["cal_min"] = 0
     img.header["cal_max"] = int(array.max()) if array.size else 0
+    return img
+
+
+def save_like(
+    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, dtype: type = np.uint8
+) -> Path:
+    """Write ``array`` with the reference image's exact shape, affine, qform and sform (:func:`image_like`),
+    atomically.
+
+    Raises:
+        ValueError: if the array's shape differs from the reference's 3D shape.
+    """
+    try:
+        img = image_like(array, reference, dtype)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     path = Path(path)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
