@@ -10,7 +10,7 @@
 Every function here is a thin door to the library: :func:`segment` runs the one inference path
 (:class:`medseg.inference.Predictor`, what ``medseg segment`` runs: same preprocessing, sliding window,
 precision, restore and postprocessing, so the masks are equal voxel for voxel); :func:`load_model` resolves
-checkpoints as ``segment -m`` does (:func:`medseg.inference.inputs.resolve_checkpoints`);
+checkpoints as ``segment -m`` does (:func:`medseg.batch.inputs.resolve_checkpoints`);
 :func:`create_network` builds from the registry (:mod:`medseg.nets.registry`); :func:`evaluate` is
 :func:`medseg.metrics.evaluate_pair` with the geometry check of ``medseg evaluate``.
 
@@ -76,7 +76,7 @@ def load_model(
         ValueError: a missing or unusable checkpoint (:class:`medseg.io.InputError`, naming the file), an
             unknown device, precision or postprocess mode.
     """
-    from medseg.inference.inputs import resolve_checkpoints
+    from medseg.batch.inputs import resolve_checkpoints
     from medseg.inference.predictor import Predictor
 
     return Predictor(

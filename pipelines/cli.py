@@ -13,15 +13,15 @@ from typing import Annotated
 
 import typer
 
-from pipelines.ablation import ablate_command
-from pipelines.check_dataset import check_dataset_command
-from pipelines.cv_summary import cv_summary_command
-from pipelines.demo import demo_command
-from pipelines.evaluate import evaluate_command
-from pipelines.export import export_command
-from pipelines.plan import plan_command
-from pipelines.review import review_command
-from pipelines.segment import segment_command
+from .ablation import ablate_command
+from .check_dataset import check_dataset_command
+from .cv_summary import cv_summary_command
+from .demo import demo_command
+from .evaluate import evaluate_command
+from .export import export_command
+from .plan import plan_command
+from .review import review_command
+from .segment import segment_command
 
 app = typer.Typer(
     name="medseg",

@@ -36,12 +36,12 @@ def run_demo(
     ``overrides`` are extra ``key=value`` config overrides and ``test_cases`` the number of held-out phantoms
     (tests shorten the demo with them).
     """
+    from medseg.batch.run import segment_inputs
     from medseg.config import load_config, recipe_path
     from medseg.config.segment import OutputSpec
     from medseg.data.phantoms import write_msd_dataset
     from medseg.engine import train
     from medseg.evaluation import evaluate_held_out, summary_table
-    from medseg.inference.batch import segment_inputs
 
     out = Path(out)
     data = out / "data"

@@ -1,7 +1,7 @@
 """``medseg export OUTDIR``: DICOM SEG / Slicer / per-organ files for cases ``medseg segment`` already wrote.
 
 Parses the options into :class:`~medseg.config.segment.ExportOptions` and calls
-:func:`medseg.inference.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
+:func:`medseg.batch.reexport.export_outputs`. Exit 0 all exported, 1 some cases failed (the others
 written; a broken sidecar or a refused source series fails its case), 2 nothing could start (no such folder,
 no segmented case, unknown output type, a ``--source-root`` that is not a folder).
 """
@@ -39,8 +39,8 @@ def export_command(
     """Write viewer files from existing masks and sidecars, without running the network again. A DICOM SEG
     references the case's source series (only the files the sidecar recorded, never a system folder, and
     with --source-root only inside it) and is read back and compared with the mask voxel for voxel."""
+    from medseg.batch.reexport import export_outputs
     from medseg.config import ConfigError
-    from medseg.inference.reexport import export_outputs
     from medseg.io import InputError
 
     try:

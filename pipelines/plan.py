@@ -1,4 +1,4 @@
-"""``medseg plan``: parse the options, call :func:`medseg.engine.planning.plan_for_dataset`, print, write."""
+"""``medseg plan``: parse the options, call :func:`medseg.planning.run_plan.plan_for_dataset`, print, write."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def plan_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     from medseg.data.check import DatasetError
-    from medseg.data.plan_file import dump_plan
-    from medseg.engine.planning import plan_for_dataset
     from medseg.io import atomic_write_text
+    from medseg.planning.plan_file import dump_plan
+    from medseg.planning.run_plan import plan_for_dataset
 
     try:
         plan = plan_for_dataset(cfg, dataset, gpu_memory_gb)
@@ -71,6 +71,6 @@ def plan_command(
 
 
 def _indent(plan: dict) -> str:
-    from medseg.data.plan_file import format_plan
+    from medseg.planning.plan_file import format_plan
 
     return "\n".join(f"  {line}" for line in format_plan(plan).splitlines())

@@ -15,7 +15,7 @@ def review_command(
 ) -> None:
     """Write OUTDIR/index.html: one row per case with thumbnail, organ volumes and HU, QA flags (flagged
     cases first), links to the files. Static and self-contained: open it from a file share."""
-    from medseg.export.review import collect_cases, write_review_page
+    from medseg.batch.review import collect_cases, write_review_page
 
     if not outdir.is_dir():
         typer.echo(f"error: {outdir}: output folder not found", err=True)

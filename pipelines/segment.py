@@ -1,5 +1,5 @@
 """``medseg segment``: parse the options into :class:`~medseg.config.segment.SegmentOptions` (how) and
-:class:`~medseg.config.segment.OutputSpec` (what), call :func:`medseg.inference.batch.segment_inputs`, print.
+:class:`~medseg.config.segment.OutputSpec` (what), call :func:`medseg.batch.run.segment_inputs`, print.
 
 Progress lines go to stdout (and a progress bar to stderr when it is a terminal); problems to stderr, one
 line each: ``warning: <file>: <text>`` (also for DICOM series skipped as not CT) and, for every case that
@@ -178,9 +178,9 @@ def segment_command(
     and options (so a killed batch continues); --overwrite redoes them. Under torchrun or a Slurm job array
     each process does its share of the cases.
     """
+    from medseg.batch.run import segment_inputs
+    from medseg.batch.sharding import resolve_part
     from medseg.config import ConfigError
-    from medseg.inference.batch import segment_inputs
-    from medseg.inference.sharding import resolve_part
     from medseg.io import InputError
 
     try:

@@ -106,7 +106,7 @@ def test_disk_cache_is_written_once_and_reused(runs):
 def _tiny(data: Path, out: Path, *extra: str):
     """Config, plan and cases of the tiny dataset, as the trainer makes them."""
     from medseg.data.datasets import label_names, read_dataset_json, training_cases
-    from medseg.data.plan import make_plan
+    from medseg.planning.fingerprint import make_plan
 
     cfg = _cfg(data, out, *extra)
     cases = training_cases(data)

@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.data.dicom_series import write_ct_series
 from medseg.data.phantoms import LABELS, generate_phantom
 from medseg.export.codes import ORGANS, algorithm_identification, lookup, normalise_name, rgb_to_dicom_cielab
 from medseg.export.dicom_seg import (
@@ -28,6 +27,7 @@ from medseg.export.dicom_seg import (
 )
 from medseg.io.dicom import find_series, read_series
 from medseg.io.nifti import InputError
+from medseg.testing.dicom_series import write_ct_series
 
 SHAPE = (40, 32, 16)
 SHA = "0123456789abcdef" * 4

@@ -16,10 +16,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medseg.data.dicom_series import write_ct_series
 from medseg.data.phantoms import generate_phantom
 from medseg.io.dicom import SeriesInfo, find_series, read_series, series_case_name
 from medseg.io.nifti import InputError
+from medseg.testing.dicom_series import write_ct_series
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 PYDICOM_FILES = Path(get_testdata_file("CT_small.dcm", download=False)).parent

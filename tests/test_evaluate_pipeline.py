@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from medseg.evaluation import evaluate_folder as run_evaluation
 from medseg.evaluation import label_index_names as load_label_names
-from medseg.export import CSV_COLUMNS
+from medseg.report import CSV_COLUMNS
 from pipelines.evaluate import evaluate_command
 
 AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])

@@ -36,8 +36,8 @@ def liver_model(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def segmented(liver_model, tiny_dataset, tmp_path_factory):
     """Two DICOM series (LPS descending, oblique) and a NIfTI case, segmented with --uncertainty, no SEG."""
-    from medseg.data.dicom_series import write_ct_series
     from medseg.data.phantoms import generate_phantom
+    from medseg.testing.dicom_series import write_ct_series
 
     root = tmp_path_factory.mktemp("export")
     inp = root / "in"

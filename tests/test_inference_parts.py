@@ -1,6 +1,6 @@
 """Direct tests of inference parts that the batch tests only exercise end to end: slab-wise resampling
 (:mod:`medseg.inference.slabs`), the ensemble compatibility rules (:mod:`medseg.inference.ensemble`) and the
-three lanes (:mod:`medseg.inference.lanes`)."""
+three lanes (:mod:`medseg.batch.lanes`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from medseg.batch.lanes import run_lanes
 from medseg.inference.ensemble import check_ensemble, check_single_channel, ensemble_mismatch
-from medseg.inference.lanes import run_lanes
 from medseg.inference.slabs import slab_ranges, slabs, source_window, translation
 from medseg.io import InputError
 from medseg.transforms.resample import resample_to_reference

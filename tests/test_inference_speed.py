@@ -2,7 +2,7 @@
 the prepared network (channels-last, bf16), the default precision, the case prefetching and the stage profile.
 
 References are the code each part replaces (MONAI's eager preset, MONAI's resampler, the plain float32 network),
-run on small phantoms; nothing here is timed (timings are ``python -m pipelines.bench_vs_monai``).
+run on small phantoms; nothing here is timed (timings are ``python -m benchmarks.bench_vs_monai``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from medseg.batch.lanes import run_lanes
+from medseg.batch.manifest import read_manifest
+from medseg.batch.run import read_sidecar, segment_inputs
 from medseg.config.segment import SegmentOptions
 from medseg.data.phantoms import generate_phantom
-from medseg.inference.batch import read_sidecar, segment_inputs
 from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
-from medseg.inference.lanes import run_lanes
-from medseg.inference.manifest import read_manifest
 from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
 from medseg.io import save_volume
 from medseg.transforms import infer_transforms
@@ -258,7 +258,7 @@ def test_pools_in_bf16_give_the_float32_pools_numbers_bit_for_bit():
 
 
 def test_speed_helpers_count_and_time(tmp_path):
-    from medseg.engine.speed import (
+    from benchmarks.speed import (
         clinical_size_ct,
         forward_gflop,
         gemm_peak_gflops,
@@ -324,7 +324,7 @@ def test_timed_child_reports_its_own_peak_and_output(tmp_path):
     import os
     import sys
 
-    from medseg.engine.speed import timed_child
+    from benchmarks.speed import timed_child
 
     big = "import numpy as np; a = np.ones(150 * 2**20 // 8); print('held', a.nbytes)"
     wall, peak_gb, output = timed_child([sys.executable, "-c", big], dict(os.environ), tmp_path / "a.log")

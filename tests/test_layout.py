@@ -16,17 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 #: earlier rank, never a later one and never another room of the same rank (losses and metrics are
 #: independent). ``pipelines`` sits above all of them.
 LAYERS: list[tuple[str, ...]] = [
-    ("device", "io"),
-    ("data",),
-    ("transforms",),
-    ("nets",),
-    ("config",),
+    ("device", "io"),  # files: NIfTI, DICOM series, archives, checkpoints, atomic writes
+    ("data",),  # datasets, case lists, splits, dataset checks, phantoms
+    ("transforms",),  # MONAI presets, the one resampler
+    ("nets",),  # networks and attention blocks, the registry
+    ("config",),  # typed frozen config and option objects
+    ("planning",),  # nnU-Net-style planner, fingerprint, plan files, the run's plan
     ("losses", "metrics"),
-    ("export",),
-    ("evaluation",),
-    ("inference",),
-    ("engine",),
-    ("api",),
+    ("export",),  # file formats: DICOM SEG, Slicer/ITK-SNAP, organ names and codes
+    ("report",),  # what people read: previews, QA, statistics, tables, plots
+    ("evaluation",),  # a folder of predictions against a folder of references
+    ("inference",),  # one volume: predictor, preprocess, sliding window, TTA, restore, postprocess
+    ("batch",),  # the batch application: inputs, cases, outputs, manifest, sharding, re-export, review page
+    ("engine",),  # training: loop, folds, DDP, caching, validation, ablation
+    ("api",),  # the public Python API (medseg.segment, ...)
+    ("testing",),  # generators for tests and demos (nothing in medseg imports them)
 ]
 RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
 
@@ -168,7 +172,7 @@ def test_wrong_enumerated_value_fails_at_load_time_through_the_cli(tmp_path, ove
 def test_nifti_segmentation_path_does_not_load_the_dicom_seg_stack():
     """highdicom and pydicom's SNOMED CT dictionary (~0.25 s) are imported only when a DICOM SEG is written."""
     code = (
-        "import sys, medseg.inference.batch, medseg.export.qa; "
+        "import sys, medseg.batch.run, medseg.report.qa; "
         "print(any(m == 'highdicom' or m.startswith('pydicom.sr') for m in sys.modules))"
     )
     assert _printed(code) == ["False"]

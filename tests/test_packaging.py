@@ -20,18 +20,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_PACKAGES = ("medseg", "pipelines")
+#: Checkout folder → installed package: the CLI commands of pipelines/ install as medseg_cli (a top-level
+#: "pipelines" could clash with another distribution's); benchmarks/ is not installed.
+CODE_PACKAGES = {"medseg": "medseg", "pipelines": "medseg_cli"}
 #: Top-level entries of the checkout that a build does not need (or must not see).
 NOT_COPIED = {".venv", ".git", "build", "dist", "runs", "demo_out", ".pytest_cache", ".ruff_cache", "tests"}
 
 
 def _code_packages(root: Path) -> set[str]:
-    """Dotted names of the folders under medseg/ and pipelines/ that hold Python modules."""
+    """Installed dotted names of the folders under medseg/ and pipelines/ that hold Python modules."""
     found = set()
-    for top in CODE_PACKAGES:
+    for top, installed in CODE_PACKAGES.items():
         for module in (root / top).rglob("*.py"):
             if "__pycache__" not in module.parts:
-                found.add(".".join(module.parent.relative_to(root).parts))
+                found.add(".".join((installed, *module.parent.relative_to(root / top).parts)))
     return found
 
 
@@ -45,7 +47,7 @@ def test_pyproject_lists_every_package():
         f"add {sorted(on_disk - listed)} to [tool.setuptools] packages in pyproject.toml"
     )
     assert not listed - on_disk, f"remove {sorted(listed - on_disk)} from [tool.setuptools] packages"
-    assert setuptools_cfg["package-dir"] == {"medseg.configs": "configs"}
+    assert setuptools_cfg["package-dir"] == {"medseg.configs": "configs", "medseg_cli": "pipelines"}
 
 
 def _run(args: list, env: dict, cwd: Path, timeout: float = 120) -> str:
@@ -115,14 +117,20 @@ def test_wheel_ships_configs_and_only_current_modules(installed):
     } <= recipes
     assert recipes <= names, f"recipes missing from the wheel: {sorted(recipes - names)}"
     modules = {
-        p.relative_to(src).as_posix()
-        for top in CODE_PACKAGES
+        f"{installed}/{p.relative_to(src / top).as_posix()}"
+        for top, installed in CODE_PACKAGES.items()
         for p in (src / top).rglob("*.py")
         if "__pycache__" not in p.parts
     }
     shipped = {n for n in names if n.endswith(".py")}
     assert shipped == modules, f"missing: {sorted(modules - shipped)}; extra: {sorted(shipped - modules)}"
     assert not any(n.startswith("configs/") for n in names)
+    # only medseg's own top-level names: no "pipelines", no benchmark scripts
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {
+        "medseg",
+        "medseg_cli",
+    }
+    assert not any("bench" in n for n in names)
     for recipe in ("phantoms.yaml", "variants/unet.yaml"):
         assert (installed["site"] / "medseg" / "configs" / recipe).is_file()
 

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from medseg.config import ConfigError, load_config
 from medseg.data.phantoms import write_msd_dataset, write_nnunet_dataset
-from medseg.data.plan_file import read_plan
-from medseg.data.planner import (
+from medseg.io import InputError, voxel_spacing
+from medseg.planning.plan_file import read_plan
+from medseg.planning.planner import (
     ANISO_THRESHOLD,
     NetworkSize,
     divisors,
@@ -23,7 +24,6 @@ from medseg.data.planner import (
     plan_patch_and_batch,
     pool_kernels,
 )
-from medseg.io import InputError, voxel_spacing
 from pipelines.cli import app
 from tests.conftest import TINY_TRAIN
 
@@ -151,8 +151,8 @@ def test_pool_kernels_of_a_small_patch_stop_at_the_minimum_feature_map():
 )
 def test_memory_formula_matches_the_network(patch, kernels):
     """The fitted activation term against the bytes autograd really keeps for backward (within 15 %)."""
-    from medseg.data.planner import HEADROOM, RESERVED_GB, estimate_parameters
     from medseg.engine.cost import training_activation_bytes
+    from medseg.planning.planner import HEADROOM, RESERVED_GB, estimate_parameters
 
     net = NetworkSize((4, 8, 16, 32, 64), 1, 7, "attention_unet")
     model = load_config(None, ["model.filters=[4, 8, 16, 32, 64]"]).model

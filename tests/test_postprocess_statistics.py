@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.export.statistics import STAT_COLUMNS, organ_statistics, write_statistics_csv
 from medseg.inference.postprocess import ComponentRule, apply_component_rules
+from medseg.report.statistics import STAT_COLUMNS, organ_statistics, write_statistics_csv
 
 
 def _blobs() -> np.ndarray:

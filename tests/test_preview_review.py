@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.export.preview import (
+from medseg.batch.review import CaseReview, collect_cases, write_review_page
+from medseg.inference.attention import NO_GATES_NOTE, attention_maps, attention_on_grid, upsample_alpha
+from medseg.inference.maps import entropy_map, label_means, restore_map
+from medseg.report.preview import (
     RADIOLOGICAL_NOTE,
     outline,
     preview_figure,
@@ -28,11 +31,8 @@ from medseg.export.preview import (
     write_preview,
     write_thumbnail,
 )
-from medseg.export.qa import Flag, ImageInfo, QAConfig, describe_rules, image_info, qa_flags
-from medseg.export.reference_ranges import reference_range
-from medseg.export.review import CaseReview, collect_cases, write_review_page
-from medseg.inference.attention import NO_GATES_NOTE, attention_maps, attention_on_grid, upsample_alpha
-from medseg.inference.maps import entropy_map, label_means, restore_map
+from medseg.report.qa import Flag, ImageInfo, QAConfig, describe_rules, image_info, qa_flags
+from medseg.report.reference_ranges import reference_range
 
 SHAPE = (20, 16, 10)  # RAS-ordered grid of the synthetic scans: x (to patient right), y (anterior), z
 

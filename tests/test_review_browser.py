@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.export.preview import write_preview, write_thumbnail
-from medseg.export.review import collect_cases, write_review_page
-from medseg.export.statistics import organ_statistics
+from medseg.batch.review import collect_cases, write_review_page
+from medseg.report.preview import write_preview, write_thumbnail
+from medseg.report.statistics import organ_statistics
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

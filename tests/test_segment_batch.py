@@ -1,7 +1,7 @@
 """``medseg segment`` on clinical inputs: DICOM series and trees, mixed folders, ``.zip`` archives, ensembles,
 statistics, resuming, the run manifest and sharding (flags, Slurm array variables, a real ``torchrun``).
 
-DICOM series are written from phantoms with :func:`medseg.data.dicom_series.write_ct_series` (shuffled file
+DICOM series are written from phantoms with :func:`medseg.testing.dicom_series.write_ct_series` (shuffled file
 names, both slice orders, RAS and LPS sources); what the CLI writes is compared with what was written (UIDs)
 and with what the DICOM reader gives for the same series (geometry), never with the batch code's own view.
 """
@@ -26,17 +26,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medseg.data.dicom_series import write_ct_series
+from medseg.batch.inputs import discover_cases, extract_zip, resolve_checkpoints
+from medseg.batch.manifest import Manifest, read_manifest
+from medseg.batch.run import read_sidecar, statistics_path
+from medseg.batch.sharding import ShardingError, resolve_part
 from medseg.data.phantoms import generate_phantom
-from medseg.export.statistics import organ_statistics
-from medseg.inference.batch import read_sidecar, statistics_path
-from medseg.inference.inputs import discover_cases, extract_zip, resolve_checkpoints
-from medseg.inference.manifest import Manifest, read_manifest
 from medseg.inference.predictor import autocast_dtype
-from medseg.inference.sharding import ShardingError, resolve_part
 from medseg.io import InputError, save_like
 from medseg.io.atomic import temp_prefix
 from medseg.io.dicom import find_series, read_series
+from medseg.report.statistics import organ_statistics
+from medseg.testing.dicom_series import write_ct_series
 from pipelines.cli import app
 from tests.bad_inputs.cli import REPO, assert_no_temp_files
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from medseg.batch.cases import BatchRun, SegmentReport
+from medseg.batch.reexport import ExportReport
+from medseg.batch.run import read_sidecar, segment_inputs
 from medseg.config import ConfigError
 from medseg.config.segment import ExportOptions, OutputSpec, SegmentOptions
-from medseg.inference.batch import read_sidecar, segment_inputs
-from medseg.inference.batch_cases import BatchRun, SegmentReport
-from medseg.inference.reexport import ExportReport
 from medseg.io.archive import ArchiveLimits
 from pipelines.cli import app
 
@@ -43,7 +43,7 @@ def _captured(monkeypatch, module: str, name: str, report: object) -> list:
 
 
 def test_segment_command_without_flags_passes_the_dataclass_defaults(monkeypatch, tmp_path):
-    calls = _captured(monkeypatch, "medseg.inference.batch", "segment_inputs", SegmentReport())
+    calls = _captured(monkeypatch, "medseg.batch.run", "segment_inputs", SegmentReport())
     result = runner.invoke(app, ["segment", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", "m.pt"])
     assert result.exit_code == 0, result.output
     ((args, kwargs),) = calls
@@ -52,7 +52,7 @@ def test_segment_command_without_flags_passes_the_dataclass_defaults(monkeypatch
 
 
 def test_export_command_without_flags_passes_the_dataclass_defaults(monkeypatch, tmp_path):
-    calls = _captured(monkeypatch, "medseg.inference.reexport", "export_outputs", ExportReport())
+    calls = _captured(monkeypatch, "medseg.batch.reexport", "export_outputs", ExportReport())
     result = runner.invoke(app, ["export", str(tmp_path)])
     assert result.exit_code == 0, result.output
     ((args, _),) = calls
@@ -61,7 +61,7 @@ def test_export_command_without_flags_passes_the_dataclass_defaults(monkeypatch,
 
 def test_every_flag_reaches_its_field(monkeypatch, tmp_path):
     """A non-default value for every option lands in the field of the same meaning."""
-    calls = _captured(monkeypatch, "medseg.inference.batch", "segment_inputs", SegmentReport())
+    calls = _captured(monkeypatch, "medseg.batch.run", "segment_inputs", SegmentReport())
     flags = ["--device", "cpu", "--overlap", "0.75", "--sw-batch-size", "3", "--tta", "--precision", "fp32",
              "--postprocess", "none", "--prefetch", "0", "--profile", "--output-type", "slicer,nifti",
              "--split", "--statistics", "--preview", "--attention", "--uncertainty", "--overwrite",
@@ -105,8 +105,8 @@ def test_batch_run_takes_the_option_objects_and_named_arguments_only():
 
 
 def test_the_segment_job_has_no_function_over_eight_parameters():
-    files = ["medseg/config/segment.py", "medseg/inference/batch.py", "medseg/inference/batch_cases.py",
-             "medseg/inference/exports.py", "medseg/inference/outputs.py", "medseg/inference/reexport.py",
+    files = ["medseg/config/segment.py", "medseg/batch/run.py", "medseg/batch/cases.py",
+             "medseg/batch/exports.py", "medseg/batch/outputs.py", "medseg/batch/reexport.py",
              "pipelines/export.py"]  # fmt: skip
     long = []
     for name in files:

@@ -108,9 +108,9 @@ def test_segment_exports_dicom_seg_and_viewer_files(tiny_run, tiny_dataset, tmp_
     import pydicom
     import torch
 
-    from medseg.data.dicom_series import write_ct_series
     from medseg.data.phantoms import generate_phantom
     from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+    from medseg.testing.dicom_series import write_ct_series
 
     # the tiny network barely trained: bias its head towards "liver" so the masks are not empty
     ckpt = load_checkpoint(tiny_run / "best.pt")

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
     """Invalid configuration key or value; the message names the key, the value and what is allowed."""
 
 
-#: ``augment.patch_size`` / ``train.batch_size`` value that takes the planned value (medseg.data.planner).
+#: ``augment.patch_size`` / ``train.batch_size`` value that takes the planned value (medseg.planning.planner).
 AUTO = "auto"
 INTENSITY_MODES = ("window", "zscore")
 OPTIMIZERS = ("adamw", "sgd")
@@ -197,7 +197,7 @@ class PreprocessConfig(_Section):
 class AugmentConfig(_Section):
     """Patch sampling and augmentation (training only)."""
 
-    patch_size: str | tuple[int, int, int] = (96, 96, 64)  # or "auto": planned (medseg.data.planner)
+    patch_size: str | tuple[int, int, int] = (96, 96, 64)  # or "auto": planned (medseg.planning.planner)
     samples_per_volume: int = 2
     pos_neg: tuple[float, float] = (2.0, 1.0)  # ratio of patches centred on foreground vs background
     flip_prob: float = 0.0  # 0 by default: flips swap left/right organs (kidney_left vs kidney_right)
@@ -322,7 +322,7 @@ class TrainConfig(_Section):
     output: str = "runs/attention_unet"
     epochs: int = 50
     iters_per_epoch: int = 50
-    batch_size: int | str = 2  # or "auto": planned from the memory budget (medseg.data.planner)
+    batch_size: int | str = 2  # or "auto": planned from the memory budget (medseg.planning.planner)
     val_every: int = 5
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -1,11 +1,11 @@
 """The options of the inference jobs, one frozen object each: every default written once, here, and every
 value checked once, when the object is made — before a checkpoint or a scan is read.
 
-* :class:`SegmentOptions` — *how* ``medseg segment`` (:func:`medseg.inference.batch.segment_inputs`) computes
+* :class:`SegmentOptions` — *how* ``medseg segment`` (:func:`medseg.batch.run.segment_inputs`) computes
   the masks: device, sliding window, TTA, precision, postprocessing, prefetching, profile, archive caps;
 * :class:`OutputSpec` — *what* it writes besides each mask and sidecar: viewer files, per-organ masks,
   statistics, previews, attention and entropy maps, and whether complete cases are redone;
-* :class:`ExportOptions` — what ``medseg export`` (:func:`medseg.inference.reexport.export_outputs`) writes
+* :class:`ExportOptions` — what ``medseg export`` (:func:`medseg.batch.reexport.export_outputs`) writes
   from masks a batch already wrote.
 
 >>> from medseg.config.segment import OutputSpec, SegmentOptions
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 POSTPROCESS_MODES = ("auto", "none")
 #: ``--output-type`` values; ``nifti`` (the label map) is written for every case whatever is asked.
 OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-seg-labelmap", "slicer")
-#: ``--prefetch``: 0 one case at a time, 1 one case ahead and one behind (:mod:`medseg.inference.lanes`).
+#: ``--prefetch``: 0 one case at a time, 1 one case ahead and one behind (:mod:`medseg.batch.lanes`).
 PREFETCH = (0, 1)
 
 
@@ -163,7 +163,7 @@ class OutputSpec:
 
     @property
     def viewer_files(self) -> bool:
-        """Whether a case gets more than its mask from :func:`medseg.inference.exports.write_case_exports`."""
+        """Whether a case gets more than its mask from :func:`medseg.batch.exports.write_case_exports`."""
         return self.types != ("nifti",) or self.split
 
 

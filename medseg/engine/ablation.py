@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medseg.batch.run import segment_inputs
 from medseg.config import checkpoint_config, load_config, recipe_path
 from medseg.config.segment import SegmentOptions
 from medseg.data.phantoms import write_msd_dataset
 from medseg.engine.cost import measure_cost
 from medseg.engine.trainer import train
 from medseg.evaluation import evaluate_held_out, summary_table
-from medseg.inference.batch import segment_inputs
 from medseg.io import atomic_write_text, read_label_names
 
 #: Variants run when none are named, in table order (``ag_scale_average`` on request).

@@ -68,7 +68,7 @@ def training_activation_bytes(
 ) -> int:
     """Bytes of the tensors autograd keeps for the backward pass of one training step (forward + Dice+CE
     loss), counted exactly with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once; the weights
-    the convolutions save are included). What :mod:`medseg.data.planner`'s memory estimate was fitted to."""
+    the convolutions save are included). What :mod:`medseg.planning.planner`'s memory estimate was fitted to."""
     import torch
 
     from medseg.config import load_config

@@ -35,9 +35,9 @@ from medseg.engine.final_validation import (
 )
 from medseg.engine.folds import fold_folder
 from medseg.engine.validation import decide_postprocessing
-from medseg.export.tables import write_json
 from medseg.io import InputError, atomic_write_text
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+from medseg.report.tables import write_json
 
 SUMMARY_JSON = "cv_summary.json"
 SUMMARY_CSV = "cv_summary.csv"

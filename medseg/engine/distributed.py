@@ -52,8 +52,8 @@ from torch import nn
 
 from medseg.config import ConfigError
 from medseg.device import resolve_device
-from medseg.export.tables import write_json
 from medseg.nets.blocks.ema import EMAUnit3D, l2_normalise
+from medseg.report.tables import write_json
 
 T = TypeVar("T")
 

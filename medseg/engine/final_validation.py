@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.engine.validation import ValidationCases, decide_postprocessing, validation_predictions
-from medseg.export.tables import write_json, write_metrics_csv
 from medseg.io import InputError, atomic_path
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.metrics import evaluate_pair, image_diagonal_mm, summarize
+from medseg.report.tables import write_json, write_metrics_csv
 
 VALIDATION_JSON = "validation.json"
 VALIDATION_CSV = "validation.csv"
@@ -126,7 +126,7 @@ def read_validation(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: cannot read the validation scores ({exc})") from None
     if not isinstance(data, dict) or any(k not in data for k in ("cases", "labels", "spacing", "rows")):
         raise InputError(f"{path}: not a medseg validation.json (needs cases, labels, spacing and rows)")
-    for row in data["rows"]:  # JSON holds inf as "inf" (medseg.export.tables.json_safe)
+    for row in data["rows"]:  # JSON holds inf as "inf" (medseg.report.tables.json_safe)
         for key, value in row.items():
             if value in ("inf", "-inf"):
                 row[key] = float(value)

@@ -16,7 +16,7 @@ ensemble would be refused. The validation cases of a fold enter the intensity st
 nnU-Net; they never enter the weights. A later fold whose config would plan differently (another patch,
 spacing or intensity setting: the planning settings of the config are recorded beside it in
 ``plan_settings.json``) is an error rather than a fold that cannot join the ensemble. The plan is made the way a
-run without folds makes it (:func:`medseg.engine.planning.resolve_plan`: the planner, or ``--plan FILE``), on
+run without folds makes it (:func:`medseg.planning.run_plan.resolve_plan`: the planner, or ``--plan FILE``), on
 the first fold's machine; later folds reuse it even on a device with another memory budget.
 """
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from medseg.config import Config, ConfigError, config_to_dict
 from medseg.data.folds import ALL_FOLDS, SPLITS_NAME, fold_cases, load_or_create_splits, parse_fold
-from medseg.data.plan_file import dump_plan
 from medseg.io import InputError, atomic_write_text
+from medseg.planning.plan_file import dump_plan
 
 PLAN_NAME = "plan.json"
 PLAN_SETTINGS_NAME = "plan_settings.json"

@@ -1,6 +1,6 @@
 """One optimisation step, and the precision it runs in (``train.precision``).
 
-The step is what :func:`medseg.engine.train` repeats and what ``python -m pipelines.bench_train`` times:
+The step is what :func:`medseg.engine.train` repeats and what ``python -m benchmarks.bench_train`` times:
 
 1. ``optimizer.zero_grad(set_to_none=True)`` (no zero fill of ~6 M gradient values);
 2. the network's forward pass under ``torch.autocast`` in the resolved dtype — bfloat16 on a CPU with native
@@ -25,7 +25,7 @@ distinct convolution of the network whose input grid has a side of ≤ 4 voxels 
 pass of a copy) once in bf16 and once in float32 on random data: if a weight gradient disagrees, ``auto``
 trains in float32 (and says why) and an explicit ``bf16`` is refused.
 
-Measured on the 2-core AVX-512-BF16 machine (``python -m pipelines.bench_train``; see the README): the
+Measured on the 2-core AVX-512-BF16 machine (``python -m benchmarks.bench_train``; see the README): the
 default Attention U-Net's step (batch 2, 96×96×64, deep supervision) is about 2× faster in bf16 than in
 float32. The demo trained both ways with three seeds (train.seed 0, 7, 11) gave held-out pancreas Dice
 0.607 / 0.812 / 0.834 in bf16 vs 0.695 / 0.815 / 0.829 in float32 (mean of the 6 labels 0.888 / 0.927 / 0.934

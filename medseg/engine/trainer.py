@@ -45,21 +45,21 @@ from medseg.data.datasets import (
     split_cases,
     training_cases,
 )
-from medseg.data.plan_file import dump_plan
 from medseg.data.voxels import LABEL_SCAN_NAME, write_label_scan
 from medseg.engine.caching import build_dataset, describe_cache, named_errors
 from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
-from medseg.engine.planning import resolve_plan
 from medseg.engine.step import train_step, training_precision
 from medseg.engine.validation import ValidationCases, validate
-from medseg.export import append_history, training_curves
 from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.losses import build_loss
 from medseg.nets.registry import build_network
+from medseg.planning.plan_file import dump_plan
+from medseg.planning.run_plan import resolve_plan
+from medseg.report import append_history, training_curves
 from medseg.transforms import train_transforms
 
 
@@ -133,7 +133,7 @@ def train(
         fold: ``None`` (one run, split by ``data.val_fraction`` / ``data.val_cases``), a cross-validation
             fold ``0 .. data.folds - 1`` or ``"all"`` (:mod:`medseg.engine.folds`).
         plan_path: a plan file (``medseg plan -o plan.json``, maybe edited) to use instead of planning from
-            the fingerprint (:func:`medseg.engine.planning.resolve_plan`); a resumed run keeps its own plan,
+            the fingerprint (:func:`medseg.planning.run_plan.resolve_plan`); a resumed run keeps its own plan,
             the folds of a run the plan of its first fold.
     """
     with process_group(cfg.train.device) as replicas:

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from medseg.export import box_plots, write_json, write_metrics_csv
 from medseg.io import InputError, case_name, list_cases, load_volume, read_label_names, voxel_spacing
 from medseg.metrics import check_label_map, evaluate_pair, image_diagonal_mm, summarize
+from medseg.report import box_plots, write_json, write_metrics_csv
 
 
 class EvaluationError(ValueError):

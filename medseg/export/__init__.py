@@ -1,25 +1,3 @@
-"""Writers of what people read: metric tables and JSON summaries (:mod:`.tables`), figures (:mod:`.plots`)."""
-
-from __future__ import annotations
-
-from medseg.export.plots import PLOT_METRICS, box_plots, training_curves
-from medseg.export.tables import (
-    CSV_COLUMNS,
-    append_history,
-    json_safe,
-    read_history,
-    write_json,
-    write_metrics_csv,
-)
-
-__all__ = [
-    "CSV_COLUMNS",
-    "PLOT_METRICS",
-    "append_history",
-    "box_plots",
-    "json_safe",
-    "read_history",
-    "training_curves",
-    "write_json",
-    "write_metrics_csv",
-]
+"""File formats that viewers and PACS read: DICOM SEG (:mod:`.dicom_seg`, checked by :mod:`.seg_check`),
+3D Slicer / ITK-SNAP / per-organ files (:mod:`.viewers`), and the organ names and codes they carry
+(:mod:`.names`, :mod:`.codes`)."""

@@ -4,7 +4,7 @@ The 3D Attention U-Net (Oktay et al. 2018, Eq. 1-2; :class:`medseg.nets.unet.Att
 each gated skip feature by a coefficient map ``α_l ∈ [0, 1]`` computed from the coarser decoder signal: voxels
 with ``α ≈ 0`` are suppressed before the decoder sees them. :func:`attention_maps` returns those maps, one
 per gated level, as float32 NIfTI images in the scan's exact shape and affine, so they overlay the scan in
-any viewer and in :func:`medseg.export.preview.write_attention_overlay`.
+any viewer and in :func:`medseg.report.preview.write_attention_overlay`.
 
 How they are computed:
 

@@ -88,7 +88,7 @@ class Float32Head(nn.Module):
     Under autocast the 1×1×1 head would compute the logits in bf16 and round them to bf16 (8 bits of
     mantissa: ±0.03 at a logit of 10), which flips labels where two classes are close; in float32 it costs
     0.2 % of the network's FLOPs and halves the voxels that differ from float32 on the demo's held-out
-    phantoms (``python -m pipelines.bench_precision``).
+    phantoms (``python -m benchmarks.bench_precision``).
     """
 
     def __init__(self, head: nn.Module) -> None:

@@ -7,7 +7,7 @@
   2020, "Confidence calibration and predictive uncertainty estimation for deep medical image segmentation").
   Applied to probabilities averaged over mirrored passes or folds it also grows where they disagree.
 * :func:`label_means` — the mean of a map inside each label: the per-organ number the QA flags
-  (:func:`medseg.export.qa.qa_flags`, rule ``low_confidence``) read.
+  (:func:`medseg.report.qa.qa_flags`, rule ``low_confidence``) read.
 * :func:`restore_map` — continuous values ``(C, X, Y, Z)`` on the model grid → float32 on the input scan's
   grid, slab by slab, with the library's one resampler
   (:func:`medseg.transforms.resample.resample_to_reference`, bilinear) — the path the probabilities take in

@@ -39,7 +39,7 @@ Python, torch, MONAI and the weights, ≈ 0.85 GB of activations of the default 
 CT on a 1.5 mm plan that is ``4.3 + 1.14 K`` B per input voxel (``5.4 + 2.28 K`` with mirroring). A
 512×512×300 CT (``N`` = 78.6 M, ``M`` ≤ 22.4 M when the body fills the field of view) with ``K`` = 7 needs at
 most ≈ 2.3 GB (3.0 GB with mirroring); ``K`` ≤ 25 (12 with mirroring) stays under 4 GB at that size.
-``python -m pipelines.bench_segment`` measures it. Before (whole-volume float64 restore of all ``K`` channels,
+``python -m benchmarks.bench_segment`` measures it. Before (whole-volume float64 restore of all ``K`` channels,
 whole-volume float64 ``Spacingd``, a second buffer for the softmax) the restore alone peaked at ≈ 7.4 GB on
 that CT.
 """

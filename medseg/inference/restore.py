@@ -24,7 +24,7 @@ Both compute the same trilinear weights for the same voxel coordinates ``inv(src
 maps agree voxel for voxel wherever the model grid reaches, up to ties at float round-off; in the one-voxel shell
 just beyond the model grid MONAI's float64 sampler leaves round-off (~1e-17) that its argmax turns into labels,
 where the separable sampler gives exact zeros, i.e. background (:data:`SNAP`; tested). Measured on the
-512×512×300 benchmark CT (``python -m pipelines.bench_vs_monai``'s, 7 classes, model grid 124×130×168, two
+512×512×300 benchmark CT (``python -m benchmarks.bench_vs_monai``'s, 7 classes, model grid 124×130×168, two
 threads, under load): the whole restore 2.85 s, vs 4.09 s before (MONAI's sampler and ``torch.argmax``).
 
 Voxels of the input that lie outside the model grid (cropped away as air by the body crop) get probability 0

@@ -40,7 +40,7 @@ FORMAT = "medseg-checkpoint"
 #: migrated by :func:`medseg.config.migrate_config` when read.
 VERSION = 2
 REQUIRED = ("model", "config", "plan", "labels")
-#: Keys of the preprocessing plan that inference needs (written by ``medseg.data.plan.make_plan``).
+#: Keys of the preprocessing plan that inference needs (written by ``medseg.planning.fingerprint.make_plan``).
 PLAN_KEYS = ("orientation", "spacing", "intensity", "patch_size")
 #: Largest ``data.pkl`` read for the opcode scan (tensors live in other archive members).
 MAX_PICKLE_BYTES = 256 * 2**20

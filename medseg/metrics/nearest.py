@@ -24,7 +24,7 @@ The estimate: ``_SAMPLE`` queries spread over the surface run through the row se
 they visit and the queries it leaves to the k-d tree; scaled to all queries, priced with the constants
 below and divided by the threads the search would share, this is compared with the EDT's price for the box
 (one thread). Cost grows with distance² for the search and not at all for the EDT, so surfaces a few voxels
-apart take the search and surfaces tens of voxels apart the EDT (``python -m pipelines.bench_metrics
+apart take the search and surfaces tens of voxels apart the EDT (``python -m benchmarks.bench_metrics
 --pairs`` shows both). The method only changes the time, never the values: tests compare both against
 ``surface-distance`` and brute force.
 
@@ -57,7 +57,7 @@ import threading
 import numpy as np
 
 # Prices of the cost estimate, ns (one core of the 2-core AVX-512 machine, numpy 2.4, scipy 1.17, numba 0.68;
-# measured by ``python -m pipelines.bench_metrics --pairs``: numpy row search ~6 ns a row, compiled ~2 ns,
+# measured by ``python -m benchmarks.bench_metrics --pairs``: numpy row search ~6 ns a row, compiled ~2 ns,
 # k-d tree 20-60 µs a far query, feature transform ~0.1 µs a voxel; loading the compiled loop 0.5-0.6 s).
 _NS_PER_ROW = 6.0
 _NS_PER_ROW_COMPILED = 2.0

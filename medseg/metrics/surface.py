@@ -23,7 +23,7 @@ that report HD95 / NSD, e.g. Nikolov et al. 2021):
   :func:`~medseg.metrics.evaluate_pair` of a 300×512×512 CT (0.27 s). Warm, a table costs about the same
   (ours 22 µs, MONAI 25 µs; one per label in :func:`_distances_padded`: 0.8 ms of a 57 ms 20-label
   evaluation, so no per-spacing cache); ours pays a one-off ~0.09 s derivation per process. Reproduce:
-  ``python -m pipelines.bench_metrics --tables``.
+  ``python -m benchmarks.bench_metrics --tables``.
 * The distance of a border corner of one mask to the other mask is the Euclidean distance in mm to the
   nearest border corner of the other mask (``surface-distance`` runs an EDT on the border; we get the same
   numbers, usually without one, see below).

@@ -171,7 +171,7 @@ def build_network(
 ) -> nn.Module:
     """Build any registered network variant from a :class:`medseg.config.ModelConfig`.
 
-    ``pool_kernels`` (from the plan, see :mod:`medseg.data.planner`): per pooling step the kernel per axis;
+    ``pool_kernels`` (from the plan, see :mod:`medseg.planning.planner`): per pooling step the kernel per axis;
     ``None`` gives the 2×2×2 poolings every network had before plans chose them.
 
     Example:

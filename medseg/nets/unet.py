@@ -7,7 +7,7 @@ MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' 
 * 5 levels, filters 16/32/64/128/256, two 3×3×3 conv–norm–ReLU per level, 2×2×2 max-pool down. The
   pooling between levels may be chosen per level and per axis (``pool_kernels``, e.g. ``[[2, 2, 1], [2, 2,
   2], …]`` for thick slices): nnU-Net's anisotropic pooling (Isensee et al., Nat. Methods 2021; planned by
-  :mod:`medseg.data.planner`); the default, all ``2``, is the paper's network.
+  :mod:`medseg.planning.planner`); the default, all ``2``, is the paper's network.
 * Gating signal ``g`` from the bottleneck through a 1×1×1 conv–norm–ReLU (Fig. 1 of the paper).
 * Grid attention gates (:class:`~medseg.nets.blocks.grid_attention.GridAttentionGate3D`, Eq. 1–2) on skip
   levels 2–4; the full-resolution skip is not gated. The deepest gate is driven by ``g``, each shallower gate

@@ -24,8 +24,10 @@ import math
 import numpy as np
 from monai import transforms as mt
 
-from medseg.data.plan import BODY_HU_THRESHOLD
 from medseg.transforms.reader import LoadVolumed
+
+#: Body voxels for the foreground crop: denser than lung and air (HU > -500).
+BODY_HU_THRESHOLD = -500.0
 
 
 def body_mask(x) -> np.ndarray:

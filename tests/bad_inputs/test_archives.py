@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from medseg.data.dicom_series import write_ct_series
+from medseg.batch.inputs import opened_cases
 from medseg.data.phantoms import generate_phantom
-from medseg.inference.inputs import opened_cases
 from medseg.io import InputError
 from medseg.io.archive import ArchiveLimits, Extraction, extract_zip, member_kind
+from medseg.testing.dicom_series import write_ct_series
 from tests.bad_inputs.cli import assert_no_temp_files, assert_one_error, run_cli
 
 DICM = bytes(128) + b"DICM"

@@ -2,7 +2,7 @@
 
 The library rules behind them are tested directly too: which temporary files are stale
 (:func:`medseg.io.atomic.remove_stale_temps`) and when a case is complete
-(:func:`medseg.inference.batch.is_complete`).
+(:func:`medseg.batch.run.is_complete`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from medseg.inference.batch import is_complete, segment_inputs, sidecar_path, source_stamp
+from medseg.batch.run import is_complete, segment_inputs, sidecar_path, source_stamp
 from medseg.io import InputError
 from medseg.io.atomic import STALE_AFTER_S, remove_stale_temps, temp_prefix
 from tests.bad_inputs.cli import REPO, assert_no_temp_files, assert_one_error, run_cli

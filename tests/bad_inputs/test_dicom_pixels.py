@@ -27,11 +27,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from medseg.data.dicom_series import write_ct_series
 from medseg.data.phantoms import generate_phantom
 from medseg.io import dicom_pixels
 from medseg.io.dicom import find_series, read_series
 from medseg.io.dicom_pixels import PixelExtent, check_pixel_module, check_series
+from medseg.testing.dicom_series import write_ct_series
 from tests.bad_inputs.cli import REPO, Result, assert_no_temp_files, assert_one_error, run_cli
 
 SHAPE = (24, 24, 12)

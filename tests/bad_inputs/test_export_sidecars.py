@@ -25,8 +25,8 @@ from tests.bad_inputs.cli import assert_no_temp_files, assert_one_error, run_cli
 @pytest.fixture(scope="module")
 def segmented(tiny_run, tmp_path_factory):
     """``(sources, out, good)``: the series folder's parent, the segment output, the good case's name."""
-    from medseg.data.dicom_series import write_ct_series
     from medseg.data.phantoms import generate_phantom
+    from medseg.testing.dicom_series import write_ct_series
 
     root = tmp_path_factory.mktemp("export_sidecars")
     sources = root / "sources"

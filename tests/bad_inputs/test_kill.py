@@ -21,9 +21,9 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
-from medseg.export import read_history
-from medseg.inference.batch import read_sidecar
+from medseg.batch.run import read_sidecar
 from medseg.io.checkpoint import load_checkpoint
+from medseg.report import read_history
 from tests.bad_inputs.cli import REPO, assert_no_temp_files, run_cli
 from tests.conftest import TINY_TRAIN
 

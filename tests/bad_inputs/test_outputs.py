@@ -23,11 +23,11 @@ import nibabel as nib
 import pydicom
 import pytest
 
-from medseg.data.dicom_series import write_ct_series
+from medseg.batch.manifest import read_manifest
+from medseg.batch.run import read_sidecar
 from medseg.data.phantoms import generate_phantom
-from medseg.inference.batch import read_sidecar
-from medseg.inference.manifest import read_manifest
 from medseg.io.claims import Claims, claim_path
+from medseg.testing.dicom_series import write_ct_series
 from tests.bad_inputs.cli import REPO, assert_no_temp_files, assert_one_error, run_cli
 
 ENV = {
