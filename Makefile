@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test test-fast lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check medseg pipelines tests
-	$(BIN)/ruff format --check medseg pipelines tests
+	$(BIN)/ruff check medseg pipelines tests benchmarks
+	$(BIN)/ruff format --check medseg pipelines tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The everyday lane: no training, no wheel, no CLI subprocesses (~1 min on 2 cores); CI runs `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
 	$(BIN)/medseg demo --out demo_out

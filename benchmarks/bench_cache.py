@@ -6,9 +6,10 @@ Writes ``--cases`` training phantoms at the demo size (96×96×40 voxels, as ``m
 trains the demo recipe (``configs/demo.yaml``: Attention U-Net 8..128, patch 64×64×32, batch 1) for one epoch
 of ``--iters`` iterations on the CPU, without a validation split, once per row, each in a fresh child process
 with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads`` (default 1: on 2 cores the DataLoader workers
-need the other core, and OpenMP threads spin-waiting on each other make 2-thread timings erratic — 6× slower
-— when other work shares the CPU). The default, 40 iterations of batch 1 over 40 cases, draws every case
-exactly once: a cold disk epoch preprocesses and writes each case once.
+need the other core, and OpenMP threads spin-waiting on each other make 2-thread timings erratic when other
+work shares the CPU; see ``docs/speed.md``, section ``benchmarks.bench_cache``). The default, 40 iterations
+of batch 1 over 40 cases, draws every case exactly once: a cold disk epoch preprocesses and writes each case
+once.
 
 Rows, for each ``--workers`` value (``data.num_workers``):
 

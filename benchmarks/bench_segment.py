@@ -130,8 +130,10 @@ def run_cli(ct: Path, ckpt: Path, out: Path, args: argparse.Namespace) -> tuple[
 _STAGES = """
 import json, sys, torch
 torch.set_num_threads({threads})
+from medseg.config.segment import SegmentOptions
 from medseg.inference import Predictor
-pred = Predictor({ckpt!r}, device="cpu", overlap={overlap}, tta={tta}, precision={precision!r})
+options = SegmentOptions(device="cpu", overlap={overlap}, tta={tta}, precision={precision!r})
+pred = Predictor({ckpt!r}, options)
 result = pred.predict({ct!r})
 print("INFO " + json.dumps(result.info))
 """

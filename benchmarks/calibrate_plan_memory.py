@@ -4,7 +4,8 @@ Counts the bytes autograd saves for backward (:func:`medseg.engine.cost.training
 ``unet`` and ``attention_unet``, filters 4…64, 8…128 and 16…256, K = 2 and 7, and patches with isotropic and
 anisotropic pooling, then fits ``saved/4 − parameters = a·F + c·K·V + d·V`` by least squares (see
 :mod:`medseg.planning.planner`) and prints the coefficients and the largest relative error next to the ones
-``ACTIVATION_COEFFICIENTS`` holds. About a minute on 2 CPU cores.
+``ACTIVATION_COEFFICIENTS`` holds (run time: ``docs/speed.md``, section
+``benchmarks.calibrate_plan_memory``).
 """
 
 from __future__ import annotations

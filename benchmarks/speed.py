@@ -109,9 +109,10 @@ def gemm_peak_gflops(
     dtype: torch.dtype, n: int | None = None, repeats: int = 20, device: str = "cpu"
 ) -> float:
     """GFLOP/s of the fastest of ``repeats`` ``n×n @ n×n`` products in ``dtype`` (``2 n³`` FLOPs each);
-    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy). Twenty products
-    (about 1 s in bf16 on two cores) so that a moment of load from another process cannot halve the peak
-    and inflate every percentage computed from it (five once gave 206 instead of 409 GFLOP/s)."""
+    ``n`` defaults to 2048 on the CPU and 8192 on a GPU (large enough to keep it busy). Twenty products by
+    default, so that a moment of load from another process cannot halve the peak and inflate every
+    percentage computed from it (the measurement behind that choice: ``docs/speed.md``, section
+    ``benchmarks.speed``)."""
     n = n or (2048 if torch.device(device).type == "cpu" else 8192)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
@@ -175,11 +176,11 @@ _RSS_WRAPPER = (
 def timed_child(cmd: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, float, str]:
     """Run ``cmd`` with its output in ``log``; return (wall seconds, the command's own peak RSS in GB, its output).
 
-    The wall time is what a user of the command waits, start-up and exit included (plus ~20 ms for the wrapper
-    below). The peak is the command's ``ru_maxrss`` from ``os.wait4``, read by a fresh, small Python process
-    that starts the command: Linux counts a forked child's resident set from the moment of the fork, before
-    ``exec``, so a child forked straight from this process would report at least this process's own RSS
-    (measured: a 500 MB parent made a ``python -c pass`` child peak at 526 MB instead of 11 MB).
+    The wall time is what a user of the command waits, start-up and exit included (plus the start of the small
+    wrapper process below). The peak is the command's ``ru_maxrss`` from ``os.wait4``, read by a fresh, small
+    Python process that starts the command: Linux counts a forked child's resident set from the moment of the
+    fork, before ``exec``, so a child forked straight from this process would report at least this process's
+    own RSS (measured in ``docs/speed.md``, section ``benchmarks.speed``).
 
     Raises:
         SystemExit: the command failed; the message holds its exit code and output.

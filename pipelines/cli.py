@@ -166,11 +166,11 @@ def _interrupt(signum: int, _frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The ``medseg`` console command: run ``app``, then leave without Python's interpreter teardown.
 
-    Tearing down torch, MONAI and SciPy's ~2,500 modules takes about 1 s after the work is done
-    (``python -c "import torch, monai"``: 2.9 s to import, 1.0 s to exit, on the development machine). Every
-    file medseg writes is closed and renamed into place before a command returns, so once the command has
-    finished, the exit handlers have run and the standard streams are flushed, ``os._exit`` ends the process
-    with the command's exit code. When a thread other than the main one is still alive (a library's
+    Python's teardown of the thousands of modules torch, MONAI and SciPy load is time the user waits after
+    the work is done (measured in ``docs/speed.md``, section ``pipelines.cli``). Every file medseg writes is
+    closed and renamed into place before a command returns, so once the command has finished, the exit
+    handlers have run and the standard streams are flushed, ``os._exit`` ends the process with the command's
+    exit code. When a thread other than the main one is still alive (a library's
     worker that shutdown would join), the normal exit runs instead.
     """
     if threading.current_thread() is threading.main_thread():

@@ -47,21 +47,14 @@ def evaluate_command(
     ] = None,
 ) -> None:
     """Score predicted segmentations against references: Dice, IoU, HD95, ASSD, NSD, volumes."""
-    from medseg.evaluation import EvaluationError, evaluate_folder
+    from medseg.evaluation import EvaluationError, EvaluationSettings, evaluate_folder
 
-    label_list = _parse_labels(labels)
+    settings = EvaluationSettings(
+        labels=_parse_labels(labels), tolerance=tolerance, percentile=percentile, resample_pred=resample_pred
+    )
     try:
         summary = evaluate_folder(
-            pred,
-            ref,
-            output,
-            labels=label_list,
-            tolerance=tolerance,
-            percentile=percentile,
-            workers=workers,
-            resample_pred=resample_pred,
-            label_names=label_names,
-            progress=True,
+            pred, ref, output, settings, label_names=label_names, workers=workers, progress=True
         )
     except (EvaluationError, OSError) as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from medseg.io.plan import Plan
 
 
 def plan_command(
@@ -70,7 +73,7 @@ def plan_command(
     typer.echo(f"wrote {output} (edit it if you like, then: medseg train CONFIG --plan {output})")
 
 
-def _indent(plan: dict) -> str:
+def _indent(plan: Plan) -> str:
     from medseg.planning.plan_file import format_plan
 
     return "\n".join(f"  {line}" for line in format_plan(plan).splitlines())

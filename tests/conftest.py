@@ -71,3 +71,22 @@ def segmenting_run(tiny_dataset, tmp_path_factory) -> Path:
     cfg = load_config(None, [*TINY_TRAIN, *overrides, f"data.root={tiny_dataset}", f"train.output={out}"])
     train(cfg, log=lambda *_: None)
     return out
+
+
+#: Fixtures that train a model or build a wheel: a test that uses one is slow (seconds to tens of seconds).
+SLOW_FIXTURES = {"tiny_run", "segmenting_run", "installed"}
+#: Suites that run the real CLI in subprocesses (each start imports torch: ~2 s) or several processes.
+SLOW_FOLDERS = {"bad_inputs", "batch", "cli"}
+#: Modules that train several processes or several variants (10-13 s a test).
+SLOW_MODULES = {"test_distributed", "test_ablation"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests, so that ``pytest -m "not slow"`` is the fast lane for everyday work (CI runs all):
+    every test that uses a :data:`SLOW_FIXTURES` fixture or lives in a :data:`SLOW_FOLDERS` folder or a
+    :data:`SLOW_MODULES` module, besides those marked ``@pytest.mark.slow`` by hand."""
+    for item in items:
+        path = Path(str(item.fspath))
+        slow_place = path.parent.name in SLOW_FOLDERS or path.stem in SLOW_MODULES
+        if slow_place or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

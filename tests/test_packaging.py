@@ -184,3 +184,14 @@ def test_installed_cli_trains_from_a_shipped_recipe(installed):
     ]
     _run([medseg, "train", recipe, *(a for o in overrides for a in ("--set", o))], env, cwd, timeout=300)
     assert (run / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_installed_api_creates_a_network(installed):
+    """The issue's acceptance line, in the fresh venv from the wheel."""
+    code = (
+        "import sys, medseg; assert 'torch' not in sys.modules; "
+        "net = medseg.create_network('attention_unet', 1, 3); print(type(net).__name__, len(medseg.list_networks()))"
+    )
+    name, count = _run([installed["python"], "-c", code], installed["env"], installed["cwd"]).split()
+    assert name == "AttentionUNet3D" and int(count) >= 2

@@ -42,10 +42,11 @@ def write_case_exports(
 ) -> tuple[dict, list[str]]:
     """Write the requested viewer files of one case; return (the sidecar's ``exports`` entry, warnings).
 
-    The writers are imported here, not with the module: highdicom and pydicom's code dictionaries take
-    ~0.5–1.5 s to import, which a NIfTI-only ``medseg segment`` run does not need.
+    The writers are imported here, not with the module: importing highdicom and pydicom's code dictionaries
+    takes time that a NIfTI-only ``medseg segment`` run does not need to spend (measured in ``docs/speed.md``,
+    section ``medseg.batch.exports``).
     """
-    from medseg.export.dicom_seg import write_dicom_seg
+    from medseg.export.dicom_seg import SegOptions, write_dicom_seg
     from medseg.export.viewers import write_slicer_seg_nrrd, write_split_masks
 
     name = case_name(dst)
@@ -62,9 +63,9 @@ def write_case_exports(
             pred.label_names,
             dst.parent / f"{name}_seg.dcm",
             affine=pred.reference.affine,
-            checkpoint_name=checkpoint.name,
-            checkpoint_sha256=checkpoint_sha256,
-            segmentation_type=kind,
+            options=SegOptions(
+                segmentation_type=kind, checkpoint_name=checkpoint.name, checkpoint_sha256=checkpoint_sha256
+            ),
         )
         warnings += list(report.warnings)
         if report.omitted:

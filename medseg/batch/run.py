@@ -171,16 +171,8 @@ def segment_inputs(
     single = is_nifti(input_path) and not input_path.is_dir()
     folder = _prepare_output(input_path, output, single)
     checkpoints = resolve_checkpoints(checkpoints)
-    predictor = Predictor(
-        checkpoints,
-        device=options.device,
-        overlap=options.overlap,
-        sw_batch_size=options.sw_batch_size,
-        tta=options.tta,
-        precision=options.precision,  # auto: bf16 where native (medseg.inference.predictor.autocast_dtype)
-        postprocess=options.postprocess,
-        uncertainty=outputs.uncertainty,
-    )
+    # precision auto: bf16 where native (medseg.device.resolve_precision)
+    predictor = Predictor(checkpoints, options, uncertainty=outputs.uncertainty)
     check_single_channel(predictor.plan, checkpoints[0])  # k-channel models: one line, before any case
     batch = BatchRun(predictor, options, outputs, output=output, single=single, log=log)
     report = batch.report

@@ -154,9 +154,9 @@ def dump_config(cfg: Config) -> str:
 def _migrate_skip_gate(raw: dict) -> list[str]:
     """Version 1 wrote ``model.skip_gate`` (default ``grid``); what it *built* decides the new name.
 
-    Before the fix, ``name: unet`` with the default ``skip_gate: grid`` built a U-Net *with* gates, and
-    ``name: attention_unet`` with ``skip_gate: none`` one without: the weights follow ``skip_gate``, so the
-    migrated name does too.
+    Version 1 built the gates from ``skip_gate`` alone: ``name: unet`` with the default ``skip_gate: grid``
+    built a U-Net *with* gates, and ``name: attention_unet`` with ``skip_gate: none`` one without. The
+    weights follow ``skip_gate``, so the migrated name does too.
     """
     model = raw.get("model") or {}
     if "skip_gate" not in model:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medseg.device import DEVICE_CHOICES, is_device_name
 from medseg.nets.registry import (
@@ -34,6 +34,9 @@ from medseg.nets.registry import (
     SCALE_FUSIONS,
     suggest,
 )
+
+if TYPE_CHECKING:
+    from medseg.io.plan import Plan
 
 
 class ConfigError(ValueError):
@@ -408,9 +411,9 @@ class Config:
         return self.infer.roi_size or self.augment.patch_size
 
 
-def plan_roi_size(cfg: Config, plan: dict) -> tuple[int, int, int]:
+def plan_roi_size(cfg: Config, plan: Plan) -> tuple[int, int, int]:
     """The sliding window of a run: ``infer.roi_size``, else the patch the plan trained with."""
-    return tuple(int(r) for r in (cfg.infer.roi_size or plan["patch_size"]))
+    return tuple(int(r) for r in (cfg.infer.roi_size or plan.patch_size))
 
 
 def scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, ...]:

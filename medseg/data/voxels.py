@@ -9,17 +9,16 @@ the processes that read many files, and what the label files held.
   forked: they only read files with nibabel, numpy and zlib, start in milliseconds, and do not import the
   caller's ``__main__`` again — a script calling ``train(cfg)`` without an ``if __name__ == "__main__"`` guard
   would fail under ``spawn``. Elsewhere ``spawn`` (``medseg check-dataset --workers``; ``train`` reads in its
-  own process there). Threads do not help: nibabel's gzip reading holds the GIL (measured: 1.0 cores busy
-  with 2 or 4 threads);
+  own process there). Processes, not threads, because nibabel's gzip reading holds the GIL;
 * a label file found clean is remembered by its identity (:func:`identity`: real path, size, mtime, ctime,
   inode) with its smallest and largest value — in this process and in ``label_scan.json`` in a run folder
   (:func:`write_label_scan`) — so ``medseg train --resume``, another fold or another ablation variant does not
   read it again. Values are remembered, not verdicts: they are checked against the labels of the day
   (:func:`known_clean`), and a file that changed in any of those five respects is read again.
 
-Cost (``medseg train``'s label scan; AMD EPYC, 2 cores shared with other work): 512×512×300 uint8 label maps
-(phantoms upsampled, ~650 kB gzipped) 0.14 s each — decompression 0.11–0.13 s, minimum and maximum 5 ms; the
-``bincount`` of every voxel this check used before took 0.9–3 s more per file and 8 bytes per voxel.
+For declared labels 0…K−1 the label check is a minimum and a maximum of the decompressed voxels, with no
+per-voxel count (:func:`check_label_values`). Measured cost: ``docs/speed.md`` (section
+``medseg.data.voxels``).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from medseg.config import Config
 from medseg.data.persistent import SafePersistentDataset
 from medseg.io import InputError, atomic_write_text
 from medseg.io.atomic import remove_stale_temps
+from medseg.io.plan import Plan
 
 #: Plan entries the cached preprocessing does not read: they do not key the cache folder.
 NOT_PREPROCESSING = ("fingerprint", "mirror_axes")
@@ -122,17 +123,17 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def cache_key(plan: dict) -> dict:
+def cache_key(plan: Plan) -> dict:
     """Everything a cached case depends on besides its own files (see the module docstring)."""
     return {
-        "plan": {k: v for k, v in plan.items() if k not in NOT_PREPROCESSING},
+        "plan": {k: v for k, v in plan.to_dict().items() if k not in NOT_PREPROCESSING},
         "medseg": medseg.__version__,
         "monai": monai.__version__,
         "source": _source_digest(),
     }
 
 
-def cache_folder(cfg: Config, plan: dict) -> Path:
+def cache_folder(cfg: Config, plan: Plan) -> Path:
     """``<data.cache_dir>/<key hash>``, ``data.cache_dir`` defaulting to ``<train.output>/../.medseg_cache``."""
     root = cfg.data.cache_dir
     base = Path(root) if root is not None else Path(cfg.train.output).resolve().parent / CACHE_FOLDER_NAME
@@ -141,7 +142,7 @@ def cache_folder(cfg: Config, plan: dict) -> Path:
     return base / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def describe_cache(cfg: Config, plan: dict) -> str:
+def describe_cache(cfg: Config, plan: Plan) -> str:
     """One line for the training log: the mode and, for ``disk``, the folder."""
     mode = cfg.data.cache
     if mode == "memory":
@@ -149,7 +150,7 @@ def describe_cache(cfg: Config, plan: dict) -> str:
     return f"disk, {cache_folder(cfg, plan)}" if mode == "disk" else "none (every case read when drawn)"
 
 
-def build_dataset(cfg: Config, plan: dict, cases: Sequence[dict], transform, role: str):
+def build_dataset(cfg: Config, plan: Plan, cases: Sequence[dict], transform, role: str):
     """The dataset of ``cases`` for ``cfg.data.cache``; ``role`` (``train``/``val``) names its cache subfolder.
 
     Raises:

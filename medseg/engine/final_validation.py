@@ -31,6 +31,7 @@ import numpy as np
 from medseg.engine.validation import ValidationCases, decide_postprocessing, validation_predictions
 from medseg.io import InputError, atomic_path
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+from medseg.io.plan import Plan
 from medseg.metrics import evaluate_pair, image_diagonal_mm, summarize
 from medseg.report.tables import write_json, write_metrics_csv
 
@@ -135,7 +136,7 @@ def read_validation(path: str | os.PathLike) -> dict:
     return data
 
 
-def record_final_validation(model, cases: ValidationCases, cfg, plan: dict, device, best: Path, replicas,
+def record_final_validation(model, cases: ValidationCases, cfg, plan: Plan, device, best: Path, replicas,
                             log) -> None:  # fmt: skip
     """Predict the validation cases with the weights of ``best`` and write the outputs of the module docstring
     next to it (rank 0; every rank predicts its share)."""
@@ -143,7 +144,7 @@ def record_final_validation(model, cases: ValidationCases, cfg, plan: dict, devi
     replicas.barrier()  # rank 0 has written best.pt
     ckpt = load_checkpoint(best)
     model.load_state_dict(ckpt["model"])
-    labels = plan["labels"]
+    labels = dict(plan.labels)
     indices = replicas.shard(len(cases))
     local = []
     predictions = validation_predictions(model, cases, cfg, plan, device, indices)
@@ -170,7 +171,7 @@ def record_final_validation(model, cases: ValidationCases, cfg, plan: dict, devi
             "epoch": int(ckpt["epoch"]) + 1,
             "cases": names,
             "labels": labels,
-            "spacing": [float(s) for s in plan["spacing"]],
+            "spacing": list(plan.spacing),
             "case_spacing": {name: spacing for _, name, _, _, spacing, _ in gathered},
             "nsd_tolerance_mm": NSD_TOLERANCE_MM,
             "summary": summary_by_name(rows, labels),

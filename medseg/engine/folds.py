@@ -30,6 +30,7 @@ from pathlib import Path
 from medseg.config import Config, ConfigError, config_to_dict
 from medseg.data.folds import ALL_FOLDS, SPLITS_NAME, fold_cases, load_or_create_splits, parse_fold
 from medseg.io import InputError, atomic_write_text
+from medseg.io.plan import Plan
 from medseg.planning.plan_file import dump_plan
 
 PLAN_NAME = "plan.json"
@@ -43,7 +44,7 @@ class FoldRun:
     out: Path
     train_cases: list[dict]
     val_cases: list[dict]
-    plan: dict
+    plan: Plan
 
 
 def refuse_cross_validation_run(out: Path) -> None:
@@ -92,7 +93,7 @@ def planning_settings(cfg: Config) -> dict:
     )
 
 
-def shared_plan(cfg: Config, run: Path, make: Callable[[], dict]) -> dict:
+def shared_plan(cfg: Config, run: Path, make: Callable[[], Plan]) -> Plan:
     """``RUN/plan.json``: made by ``make()`` (from all training cases) the first time, read back after.
 
     Raises:
@@ -117,11 +118,11 @@ def shared_plan(cfg: Config, run: Path, make: Callable[[], dict]) -> dict:
             f"{path}: the folds of a run share one plan, and this config plans differently: {differ}; train "
             "every fold with the same preprocess/augment settings, or use a new run folder (train.output)"
         )
-    return plan
+    return Plan.from_dict(plan, where=str(path))
 
 
 def prepare_fold(
-    cfg: Config, fold: int | str, cases: list[dict], make_plan: Callable[[list[dict]], dict]
+    cfg: Config, fold: int | str, cases: list[dict], make_plan: Callable[[list[dict]], Plan]
 ) -> FoldRun:
     """The split (``RUN/splits.json``), the shared plan (``RUN/plan.json``) and the fold's cases and folder.
 

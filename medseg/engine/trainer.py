@@ -52,9 +52,11 @@ from medseg.engine.final_validation import record_final_validation
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.step import train_step, training_precision
 from medseg.engine.validation import ValidationCases, validate
+from medseg.inference.loading import checkpoint_plan
 from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+from medseg.io.plan import Plan
 from medseg.losses import build_loss
 from medseg.nets.registry import build_network
 from medseg.planning.plan_file import dump_plan
@@ -163,7 +165,7 @@ def _train(
     cases = training_cases(root)
     channels = input_channels(meta, root)
 
-    def make(plan_cases: list[dict]) -> dict:  # a plan file is checked here, before anything is written
+    def make(plan_cases: list[dict]) -> Plan:  # a plan file is checked here, before anything is written
         return resolve_plan(cfg, plan_cases, names, channels, plan_path, log)
 
     if fold is None:
@@ -185,7 +187,7 @@ def _train(
     if not resume and replicas.is_main:  # a new run in an old folder starts a new history
         (out / "metrics.csv").unlink(missing_ok=True)
     if ckpt:
-        plan = ckpt["plan"]
+        plan = checkpoint_plan(ckpt, out / "last.pt")
     else:
         plan = shared.plan if shared else replicas.on_main(lambda: make(train_cases))
     if replicas.is_main:
@@ -194,15 +196,13 @@ def _train(
         write_label_scan(label_scan, label_facts)  # in train.output: shared by the folds of a run
 
     num_classes = len(names)
-    model = build_network(cfg.model, plan["in_channels"], num_classes, plan.get("pool_kernels"))
-    init_class_prior(model, plan.get("fingerprint", {}).get("class_fractions", []), num_classes)
+    model = build_network(cfg.model, plan.in_channels, num_classes, plan.pool_kernels)
+    init_class_prior(model, list(plan.class_fractions()), num_classes)
     model, net = replicas.wrap(model.to(device), cfg.model.norm)  # net: DDP under torchrun
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
-    precision = training_precision(
-        tcfg.precision, device, model, plan["in_channels"], plan["patch_size"], log
-    )
+    precision = training_precision(tcfg.precision, device, model, plan.in_channels, plan.patch_size, log)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
 
     start_epoch, best = 0, -math.inf
@@ -223,7 +223,7 @@ def _train(
     val_ds = ValidationCases(val_cases, keep=dcfg.cache == "memory")
     log(f"data cache: {describe_cache(cfg, plan)}")
     log(
-        f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {plan['spacing']}; "
+        f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {list(plan.spacing)}; "
         f"device {device}, {precision.name}"
     )
     if replicas.distributed:
@@ -233,8 +233,8 @@ def _train(
         return {
             "model": model.state_dict(),
             "config": config_to_dict(cfg),
-            "plan": plan,
-            "labels": plan["labels"],
+            "plan": plan.to_dict(),
+            "labels": dict(plan.labels),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -250,7 +250,7 @@ def _train(
         generator = torch.Generator().manual_seed(epoch_seed)
         loader = DataLoader(
             train_ds,
-            batch_size=plan.get("batch_size", tcfg.batch_size),
+            batch_size=tcfg.batch_size if plan.batch_size is None else plan.batch_size,  # plans before it
             **replicas.loader_options(train_ds, generator, epoch_seed),
             num_workers=dcfg.num_workers,
             collate_fn=list_data_collate,

@@ -37,10 +37,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medseg.config.segment import SegmentOptions
 from medseg.inference.postprocess import ComponentRule, apply_component_rules
 from medseg.inference.predictor import Predictor
 from medseg.inference.prepared import Prepared
 from medseg.io import InputError, load_volume, voxel_spacing
+from medseg.io.plan import Plan
 from medseg.metrics import check_label_map, dice_per_label
 
 #: Small-blob threshold, as a fraction of the label's median reference volume on the validation cases.
@@ -105,12 +107,11 @@ def _geometry_only(prepared: Prepared):
     return nib.Nifti1Image(nothing, reference.affine, header=reference.header)
 
 
-def validation_predictor(model: torch.nn.Module, cfg, plan: dict, device: torch.device) -> Predictor:
+def validation_predictor(model: torch.nn.Module, cfg, plan: Plan, device: torch.device) -> Predictor:
     """The predictor validation runs: ``model`` as it is now, the run's plan, labels and ``infer`` settings,
     ``medseg segment``'s default precision, no mirroring, raw argmax (no postprocessing)."""
-    return Predictor.from_network(
-        model, plan, plan["labels"], device=device, precision=VALIDATION_PRECISION, config=cfg
-    )
+    options = SegmentOptions(precision=VALIDATION_PRECISION)
+    return Predictor.from_network(model, plan, plan.labels, options, device=device, config=cfg)
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def validation_predictions(
     model: torch.nn.Module,
     cases: ValidationCases,
     cfg,
-    plan: dict,
+    plan: Plan,
     device: torch.device,
     indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -133,7 +134,7 @@ def validation_predictions(
 
 
 def validate(
-    model, cases: ValidationCases, cfg, plan: dict, device: torch.device, replicas=None
+    model, cases: ValidationCases, cfg, plan: Plan, device: torch.device, replicas=None
 ) -> dict[str, float]:
     """Mean Dice per label over the validation cases (scan grids), via :func:`medseg.metrics.dice_per_label`.
 
@@ -141,7 +142,7 @@ def validate(
     predicts its share of the cases and the per-case scores are gathered: every rank returns the same
     means, taken in case order as one process would.
     """
-    labels = {name: idx for name, idx in plan["labels"].items() if idx > 0}
+    labels = {name: idx for name, idx in plan.labels.items() if idx > 0}
     indices = list(range(len(cases))) if replicas is None else replicas.shard(len(cases))
     local = []
     for i, (pred, ref, _) in zip(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medseg.evaluation.folder import (
     EvaluationError,
+    EvaluationSettings,
     evaluate_case,
     evaluate_folder,
     evaluate_held_out,
@@ -13,6 +14,7 @@ from medseg.evaluation.folder import (
 
 __all__ = [
     "EvaluationError",
+    "EvaluationSettings",
     "evaluate_case",
     "evaluate_folder",
     "evaluate_held_out",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,33 @@ from medseg.report import box_plots, write_json, write_metrics_csv
 
 class EvaluationError(ValueError):
     """Bad input for a whole run (missing folder, no cases, bad label-name file)."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What is measured, the same for every case (recorded as the summary's ``settings``).
+
+    Attributes:
+        labels: labels to evaluate (default: every non-zero label present in either map of a case).
+        tolerance: NSD tolerance in mm.
+        percentile: Hausdorff percentile (reported as ``hd95``).
+        resample_pred: resample a prediction on another grid onto its reference (nearest neighbour)
+            instead of failing the case.
+    """
+
+    labels: list[int] | None = None
+    tolerance: float = 2.0
+    percentile: float = 95.0
+    resample_pred: bool = False
+
+    def as_summary(self) -> dict[str, Any]:
+        """The summary JSON's ``settings`` entry."""
+        return {
+            "tolerance_mm": self.tolerance,
+            "percentile": self.percentile,
+            "labels": self.labels,
+            "resample_pred": self.resample_pred,
+        }
 
 
 def label_index_names(path: str | os.PathLike | None) -> dict[int, str]:
@@ -164,12 +192,10 @@ def evaluate_folder(
     pred: str | os.PathLike,
     ref: str | os.PathLike,
     output: str | os.PathLike,
-    labels: list[int] | None = None,
-    tolerance: float = 2.0,
-    percentile: float = 95.0,
-    workers: int = 1,
-    resample_pred: bool = False,
+    settings: EvaluationSettings = EvaluationSettings(),
+    *,
     label_names: str | os.PathLike | None = None,
+    workers: int = 1,
     progress: bool = False,
 ) -> dict:
     """Evaluate predictions against references; write CSV, summary JSON and box plots (see module doc).
@@ -177,11 +203,9 @@ def evaluate_folder(
     Args:
         pred, ref: a NIfTI file each, or folders of NIfTI files matched by case name.
         output: CSV path; the summary goes to ``<stem>_summary.json`` and plots to ``<stem>_<metric>.png``.
-        labels: labels to evaluate (default: every non-zero label present in either map of a case).
-        tolerance: NSD tolerance in mm. percentile: Hausdorff percentile (reported as ``hd95``).
-        workers: cases evaluated in parallel processes.
-        resample_pred: resample a prediction on another grid onto its reference instead of failing.
+        settings: labels, NSD tolerance, Hausdorff percentile, resampling (:class:`EvaluationSettings`).
         label_names: sidecar JSON, checkpoint JSON or dataset.json naming the labels.
+        workers: cases evaluated in parallel processes.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -206,10 +230,10 @@ def evaluate_folder(
             "case": c,
             "pred_path": str(preds[c]),
             "ref_path": str(refs[c]),
-            "labels": labels,
-            "tolerance": tolerance,
-            "percentile": percentile,
-            "resample_pred": resample_pred,
+            "labels": settings.labels,
+            "tolerance": settings.tolerance,
+            "percentile": settings.percentile,
+            "resample_pred": settings.resample_pred,
             "names": names,
         }
         for c in cases
@@ -231,12 +255,7 @@ def evaluate_folder(
         "warnings": warnings,
         "missing_predictions": [str(refs[c]) for c in missing_pred],
         "missing_references": [str(preds[c]) for c in missing_ref],
-        "settings": {
-            "tolerance_mm": tolerance,
-            "percentile": percentile,
-            "labels": labels,
-            "resample_pred": resample_pred,
-        },
+        "settings": settings.as_summary(),
         "csv": str(output),
         "labels": per_label,
     }
@@ -253,7 +272,11 @@ def evaluate_held_out(
     data_root = Path(data_root)
     organs = sorted(index for index in read_label_names(data_root / "dataset.json").values() if index > 0)
     return evaluate_folder(
-        pred_dir, data_root / "labelsTs", output, labels=organs, label_names=data_root / "dataset.json"
+        pred_dir,
+        data_root / "labelsTs",
+        output,
+        EvaluationSettings(labels=organs),
+        label_names=data_root / "dataset.json",
     )
 
 

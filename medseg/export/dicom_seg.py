@@ -90,6 +90,37 @@ class SegReport:
     codes: dict[str, SegmentCode] = field(default_factory=dict, repr=False)
 
 
+@dataclass(frozen=True)
+class SegOptions:
+    """What a DICOM SEG says besides its segments: its SOP class, the series it starts and who made it.
+
+    Attributes:
+        segmentation_type: ``"BINARY"`` (Segmentation Storage, read by every viewer) or ``"LABELMAP"``
+            (Label Map Segmentation Storage; module docstring).
+        series_number: the SEG series' number; default 1000 + the source series' number.
+        series_description: the SEG series' description.
+        algorithm_name: the algorithm identification's name (PS3.3 C.8.20.2).
+        algorithm_version: its version; default the running medseg's version.
+        checkpoint_name, checkpoint_sha256: the weights, recorded in the algorithm identification.
+        extra_codes: codes for project-specific label names (see :func:`medseg.export.codes.lookup`).
+    """
+
+    segmentation_type: str = "BINARY"
+    series_number: int | None = None
+    series_description: str = "medseg segmentation"
+    algorithm_name: str = "medseg"
+    algorithm_version: str | None = None
+    checkpoint_name: str | None = None
+    checkpoint_sha256: str | None = None
+    extra_codes: Mapping[str, SegmentCode] | None = None
+
+    def __post_init__(self) -> None:
+        if self.segmentation_type not in SEGMENTATION_TYPES:
+            raise ValueError(
+                f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {self.segmentation_type!r}"
+            )
+
+
 def medseg_version() -> str:
     """The running medseg's version."""
     return __version__
@@ -250,14 +281,7 @@ def write_dicom_seg(
     path: str | os.PathLike,
     *,
     affine: np.ndarray | None = None,
-    algorithm_name: str = "medseg",
-    algorithm_version: str | None = None,
-    checkpoint_name: str | None = None,
-    checkpoint_sha256: str | None = None,
-    segmentation_type: str = "BINARY",
-    series_number: int | None = None,
-    series_description: str = "medseg segmentation",
-    extra_codes: Mapping[str, SegmentCode] | None = None,
+    options: SegOptions = SegOptions(),
 ) -> SegReport:
     """Write ``labels`` as a DICOM SEG referencing the series it was segmented from; round trip checked.
 
@@ -267,11 +291,9 @@ def write_dicom_seg(
             map's RAS affine, e.g. of the mask NIfTI written earlier).
         label_names: ``{name: value}``; value 0 (background) is never a segment.
         path: the ``.dcm`` file to write (atomically).
-        algorithm_version: defaults to the running medseg's version.
-        checkpoint_name, checkpoint_sha256: recorded in the algorithm identification.
-        segmentation_type: ``"BINARY"`` (default) or ``"LABELMAP"``.
-        series_number: default 1000 + the source series' number.
-        extra_codes: codes for project-specific names (see :func:`medseg.export.codes.lookup`).
+        affine: the label map's RAS affine; needed only with a :class:`SeriesInfo`.
+        options: the SOP class, the new series' number and description, the algorithm identification and
+            codes for project-specific names (:class:`SegOptions`).
 
     Returns:
         A :class:`SegReport` (``path`` None when no label holds a voxel).
@@ -281,8 +303,6 @@ def write_dicom_seg(
             cannot be referenced (no SOP Instance UIDs).
         SegRoundTripError: the written SEG does not read back equal to the label map (no file left).
     """
-    if segmentation_type not in SEGMENTATION_TYPES:
-        raise ValueError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {segmentation_type!r}")
     info = volume.series if isinstance(volume, DicomVolume) else volume
     if affine is None:
         if not isinstance(volume, DicomVolume):
@@ -295,11 +315,11 @@ def write_dicom_seg(
     named = sorted(((v, n) for n, v in label_names.items() if v != 0), key=lambda vn: vn[0])
     present = [(v, n) for v, n in named if v < len(counts) and counts[v] > 0]
     omitted = tuple(n for v, n in named if (v, n) not in present)
-    code_of = {n: lookup(n, v, extra_codes) for v, n in named}
+    code_of = {n: lookup(n, v, options.extra_codes) for v, n in named}
     warnings = [f"{info.where}: empty segment(s) not written: {', '.join(omitted)}"] if omitted else []
     if not present:
         warnings.append(f"{info.where}: no labelled voxel; no DICOM SEG written (viewers cannot show it)")
-        return SegReport(None, segmentation_type, {}, omitted, {}, tuple(warnings), codes=code_of)
+        return SegReport(None, options.segmentation_type, {}, omitted, {}, tuple(warnings), codes=code_of)
 
     filled, fill_warnings = fill_required(sources, info.where)
     warnings += fill_warnings
@@ -307,16 +327,21 @@ def write_dicom_seg(
     lut = np.zeros(len(counts), dtype=np.uint8 if len(present) < 256 else np.uint16)
     for v, n in present:
         lut[v] = numbers[n]
-    version = algorithm_version or medseg_version()
-    algorithm = algorithm_identification(algorithm_name, version, checkpoint_name, checkpoint_sha256)
+    version = options.algorithm_version or medseg_version()
+    algorithm = algorithm_identification(
+        options.algorithm_name, version, options.checkpoint_name, options.checkpoint_sha256
+    )
     descriptions = segment_descriptions([(numbers[n], n, code_of[n]) for _, n in present], algorithm)
+    series_number = options.series_number
+    if series_number is None:
+        series_number = 1000 + (info.series_number or 0)
     seg = build_segmentation(
         label_frames(lut[labels]),
         sources,
         descriptions,
-        segmentation_type,
-        series_number=1000 + (info.series_number or 0) if series_number is None else series_number,
-        series_description=series_description,
+        options.segmentation_type,
+        series_number=series_number,
+        series_description=options.series_description,
         software_version=version,
     )
     path = Path(path)
@@ -332,7 +357,7 @@ def write_dicom_seg(
         size = tmp.stat().st_size
     return SegReport(
         path=path,
-        segmentation_type=segmentation_type,
+        segmentation_type=options.segmentation_type,
         segments=numbers,
         omitted=omitted,
         filled=filled,

@@ -1,8 +1,8 @@
 """Organ names as users spell them: normalisation and aliases, shared by the DICOM codes and the QA ranges.
 
 A module of its own, without pydicom or highdicom, so that the review rules (:mod:`medseg.report.qa`) that
-every ``medseg segment`` run imports do not load pydicom's SNOMED CT dictionary (0.2 s) — only DICOM SEG
-writing (:mod:`medseg.export.codes`) needs that.
+every ``medseg segment`` run imports do not load pydicom's SNOMED CT dictionary — only DICOM SEG writing
+(:mod:`medseg.export.codes`) needs that (its import time: ``docs/speed.md``, section ``medseg.export.names``).
 """
 
 from __future__ import annotations

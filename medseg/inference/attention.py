@@ -43,7 +43,7 @@ from torch import nn
 
 from medseg.inference.maps import restore_map
 from medseg.inference.preprocess import preprocess
-from medseg.inference.sliding import sliding_window_logits
+from medseg.inference.sliding import SlidingWindow, sliding_window_logits
 
 #: Added to ``notes`` when the network has no grid attention gates (``{name}``: the network's class).
 NO_GATES_NOTE = "{name} has no grid attention gates: no attention maps"
@@ -122,11 +122,7 @@ def attention_on_grid(
     out = sliding_window_logits(
         window,
         torch.as_tensor(image)[None].to(device),
-        roi_size,
-        overlap,
-        sw_batch_size,
-        mode,
-        amp=False,
+        SlidingWindow(roi_size, overlap, sw_batch_size, mode),
         autocast_dtype=autocast_dtype,
         sw_device=device,
         out_device=torch.device("cpu"),

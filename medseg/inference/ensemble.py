@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from medseg.io import InputError
+from medseg.io.plan import Plan
 
 #: Plan entries that decide the model grid and the network's input: equal in every member of an ensemble.
 SHARED_PLAN_KEYS = ("orientation", "spacing", "intensity", "crop_foreground", "in_channels")
-#: Values of optional plan entries when a plan lacks them (what inference assumes then).
-PLAN_DEFAULTS = {"crop_foreground": True, "in_channels": 1}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -44,14 +43,15 @@ def _label_difference(a: Mapping[str, int], b: Mapping[str, int]) -> str:
 
 def ensemble_mismatch(first: Mapping[str, Any], other: Mapping[str, Any]) -> str | None:
     """What keeps two loaded checkpoints from being averaged (labels or a :data:`SHARED_PLAN_KEYS` entry),
-    as a phrase, or None when they can be."""
+    as a phrase, or None when they can be. ``first``/``other``: ``{"labels": mapping, "plan": Plan}``; a plan
+    that lacks an entry has the :class:`~medseg.io.plan.Plan` default."""
     labels_a = {str(k): int(v) for k, v in first["labels"].items()}
     labels_b = {str(k): int(v) for k, v in other["labels"].items()}
     if labels_a != labels_b:
         return _label_difference(labels_a, labels_b)
-    plan_a, plan_b = first["plan"], other["plan"]
+    plan_a, plan_b = first["plan"].to_dict(), other["plan"].to_dict()  # shown as in plan.json
     for key in SHARED_PLAN_KEYS:
-        value_a, value_b = plan_a.get(key, PLAN_DEFAULTS.get(key)), plan_b.get(key, PLAN_DEFAULTS.get(key))
+        value_a, value_b = plan_a[key], plan_b[key]
         if not _same(value_a, value_b):
             return f"plans differ in {key} ({value_a!r} vs {value_b!r})"
     return None
@@ -71,9 +71,7 @@ def check_ensemble(checkpoints: list[tuple[str | os.PathLike, Mapping[str, Any]]
             )
 
 
-def check_single_channel(
-    plan: Mapping[str, Any], checkpoint: str | os.PathLike, source: object = None
-) -> None:
+def check_single_channel(plan: Plan, checkpoint: str | os.PathLike, source: object = None) -> None:
     """Refuse, in one line, to segment one scan with a model trained on several input channels.
 
     A model trained on an nnU-Net dataset with ``k`` channels (``_0000`` … files per case) needs ``k``
@@ -83,10 +81,10 @@ def check_single_channel(
     Raises:
         InputError: naming the input (when given), the checkpoint and its channels.
     """
-    k = int(plan.get("in_channels", 1))
+    k = plan.in_channels
     if k == 1:
         return
-    names = ", ".join(plan.get("channel_names") or [str(c) for c in range(k)])
+    names = ", ".join(plan.channels())
     if isinstance(source, str | os.PathLike):
         where = f"{source}: "
     elif source is not None:

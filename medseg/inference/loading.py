@@ -2,7 +2,7 @@
 is built from (:meth:`Predictor.__init__`; :meth:`Predictor.from_network` takes them from memory instead).
 
 >>> loaded = load_checkpoints(["fold0/best.pt", "fold1/best.pt"], torch.device("cpu"))   # doctest: +SKIP
->>> loaded.plan["spacing"], sorted(loaded.label_names)                                    # doctest: +SKIP
+>>> loaded.plan.spacing, sorted(loaded.label_names)                                          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from medseg.config import Config, checkpoint_config
 from medseg.inference.ensemble import check_ensemble
 from medseg.io import InputError
 from medseg.io.checkpoint import load_checkpoint
+from medseg.io.plan import Plan
 from medseg.nets.registry import build_network
 
 
@@ -56,11 +57,9 @@ def model_from_checkpoint(
             (shape in the file vs shape in the network).
     """
     cfg = checkpoint_config(ckpt, path)
-    plan = ckpt["plan"]
+    plan = checkpoint_plan(ckpt, path)
     try:
-        model = build_network(
-            cfg.model, plan.get("in_channels", 1), len(ckpt["labels"]), plan.get("pool_kernels")
-        )
+        model = build_network(cfg.model, plan.in_channels, len(ckpt["labels"]), plan.pool_kernels)
     except ValueError as exc:  # pool kernels that do not fit the recorded network's depth
         raise InputError(f"{path}: {exc}") from None
     differ = state_dict_differences(ckpt["model"], model.state_dict())
@@ -74,6 +73,15 @@ def model_from_checkpoint(
             f"{path}: weights do not match the recorded network ({str(exc).splitlines()[0]})"
         ) from None
     return model.to(device).eval()
+
+
+def checkpoint_plan(ckpt: dict, path: str | os.PathLike = "checkpoint") -> Plan:
+    """The plan a checkpoint carries, as a :class:`~medseg.io.plan.Plan` (the file keeps its dict form).
+
+    Raises:
+        PlanError: a malformed plan (an :class:`InputError` naming the file and the key).
+    """
+    return Plan.from_dict(ckpt["plan"], where=f"{path}: checkpoint plan")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -95,7 +103,7 @@ class LoadedCheckpoints:
     models: list[torch.nn.Module]
     roi_sizes: list[list[int]]
     config: Config
-    plan: dict
+    plan: Plan
     label_names: dict[str, int]
     postprocess: Any
     mirror_axes: list[int]
@@ -121,16 +129,17 @@ def load_checkpoints(
         ckpt = load_checkpoint(path)
         hashes.append(file_sha256(path))
         cfg = checkpoint_config(ckpt, path)
-        summary = {"labels": ckpt["labels"], "plan": ckpt["plan"], "postprocess": ckpt.get("postprocess")}
+        plan = checkpoint_plan(ckpt, path)
+        summary = {"labels": ckpt["labels"], "plan": plan, "postprocess": ckpt.get("postprocess")}
         recorded.append((path, summary))
         check_ensemble(recorded)
         models.append(model_from_checkpoint(ckpt, device, path))
-        window = roi_size or cfg.infer.roi_size or ckpt["plan"]["patch_size"]
+        window = roi_size or cfg.infer.roi_size or plan.patch_size
         windows.append([int(r) for r in window])
         config = config or cfg
         del ckpt  # the weights live in the network now
     first = recorded[0][1]
-    shared = set.intersection(*({int(a) for a in s["plan"].get("mirror_axes", [])} for _, s in recorded))
+    shared = set.intersection(*(set(s["plan"].mirror_axes) for _, s in recorded))
     return LoadedCheckpoints(
         paths=paths,
         sha256=hashes,

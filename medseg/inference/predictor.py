@@ -10,7 +10,7 @@ same preprocessing, sliding window (:func:`medseg.inference.sliding.sliding_wind
 >>> result = predictor.predict("ct.nii.gz")                 # doctest: +SKIP
 >>> result.labels.shape == result.reference.shape           # doctest: +SKIP
 True
->>> Predictor(["fold0/best.pt", "fold1/best.pt"], tta=True, precision="bf16")   # doctest: +SKIP
+>>> Predictor(["fold0/best.pt", "fold1/best.pt"], SegmentOptions(tta=True, precision="bf16"))   # doctest: +SKIP
 >>> Predictor.from_network(net, plan, {"background": 0, "liver": 1})   # doctest: +SKIP
 
 Memory. Stages of :meth:`Predictor.predict` and what each adds at its peak, counted per voxel of the input grid
@@ -50,7 +50,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import Config, InferConfig
+from medseg.config.segment import SegmentOptions
 from medseg.device import PRECISIONS as PRECISIONS
 from medseg.device import resolve_device, resolve_precision
 from medseg.inference.ensemble import check_single_channel
@@ -76,6 +77,7 @@ from medseg.inference.restore import restore_labels
 from medseg.inference.rules import clean_labels, component_rules
 from medseg.inference.sliding import (
     CPU_STITCHING_WARNING,
+    SlidingWindow,
     sliding_window_logits,
     softmax_,
     stitching_device,
@@ -83,11 +85,9 @@ from medseg.inference.sliding import (
 )
 from medseg.inference.tta import average_probabilities, choose_flips, sagittal_axis
 from medseg.io import InputError, load_volume, voxel_spacing
+from medseg.io.plan import Plan
 from medseg.transforms import infer_transforms
 from medseg.transforms.presets import BODY_HU_THRESHOLD, body_mask
-
-#: ``postprocess`` values besides a mapping ``label → rule``.
-POSTPROCESS_MODES = ("auto", "none")
 
 
 @dataclass
@@ -138,16 +138,18 @@ class Predictor:
     Args:
         checkpoints: a medseg checkpoint (``best.pt``) or several (a fold ensemble: probabilities averaged;
             they must share labels and plan, see :mod:`medseg.inference.ensemble`).
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``. On CUDA the windows run on the GPU and the
-            stitching buffer too, unless it does not fit: then it is redone on the CPU, with a warning.
-        overlap, sw_batch_size, roi_size: sliding-window settings; default from the (first) checkpoint's
-            config, the window from each checkpoint's own config or patch size.
-        tta: test-time mirroring (:mod:`medseg.inference.tta`): flips the plan's ``mirror_axes`` allow, and
-            the sagittal flip when the label names give a left/right swap table.
-        precision: ``"auto"`` (or None) | ``"fp32"`` | ``"bf16"`` | ``"fp16"``
-            (:func:`medseg.device.resolve_precision`).
-        postprocess: ``"auto"`` (the rules recorded in the first checkpoint, none if it has none), ``"none"``,
-            or a mapping ``label (index or name) → ComponentRule or {"largest_only", "min_ml"}``.
+        options: how to segment, a :class:`medseg.config.segment.SegmentOptions` (its defaults when None):
+            ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; on CUDA the windows run on the GPU and
+            the stitching buffer too, unless it does not fit: then it is redone on the CPU, with a warning),
+            ``overlap`` and ``sw_batch_size`` (None: the (first) checkpoint's config), ``tta`` (test-time
+            mirroring, :mod:`medseg.inference.tta`: flips the plan's ``mirror_axes`` allow, and the sagittal
+            flip when the label names give a left/right swap table), ``precision`` (``auto`` | ``fp32`` |
+            ``bf16`` | ``fp16``, :func:`medseg.device.resolve_precision`) and ``postprocess`` (``auto``: the
+            rules recorded in the first checkpoint, none if it has none; ``none``; or a mapping ``label
+            (index or name) → ComponentRule or {"largest_only", "min_ml"}``).
+        device, precision, tta, postprocess: shorthands that replace that field of ``options``
+            (``Predictor("best.pt", device="cpu", tta=True)``).
+        roi_size: the sliding window; default each checkpoint's own config's ``infer.roi_size`` or its patch.
         uncertainty: also restore the voxel-wise normalised softmax entropy to the input grid
             (``Prediction.uncertainty``, float32; one more float map of the scan's size).
 
@@ -155,93 +157,92 @@ class Predictor:
 
     Raises:
         InputError: an unusable checkpoint, checkpoints that cannot be averaged, malformed rules.
-        ConfigError: a checkpoint's recorded config is invalid.
-        ValueError: an unknown ``precision`` or ``postprocess`` mode.
+        ConfigError: a checkpoint's recorded config is invalid; an unknown ``precision`` or ``postprocess``
+            mode (a ``ValueError``).
     """
 
     def __init__(
         self,
         checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
-        device: str = "auto",
-        overlap: float | None = None,
-        sw_batch_size: int | None = None,
-        roi_size: Sequence[int] | None = None,
-        tta: bool = False,
+        options: SegmentOptions | None = None,
+        *,
+        device: str | None = None,
         precision: str | None = None,
-        postprocess: str | Mapping[Any, Any] = "auto",
+        tta: bool | None = None,
+        postprocess: str | Mapping[Any, Any] | None = None,
+        roi_size: Sequence[int] | None = None,
         uncertainty: bool = False,
     ) -> None:
         paths = [checkpoints] if isinstance(checkpoints, str | os.PathLike) else list(checkpoints)
         if not paths:
             raise ValueError("no checkpoint given")
-        _check_postprocess(postprocess)
-        resolved = resolve_device(device)
+        given = {"device": device, "precision": precision, "tta": tta, "postprocess": postprocess}
+        options = replace(options or SegmentOptions(), **{k: v for k, v in given.items() if v is not None})
+        resolved = resolve_device(options.device)
         loaded = load_checkpoints(paths, resolved, roi_size)
-        self._setup(loaded, resolved, overlap, sw_batch_size, tta, precision, postprocess, uncertainty)
+        self._setup(loaded, resolved, options, uncertainty)
 
     @classmethod
     def from_network(
         cls,
         network: torch.nn.Module,
-        plan: Mapping[str, Any],
+        plan: Plan | Mapping[str, Any],
         label_names: Mapping[str, int],
+        options: SegmentOptions | None = None,
         *,
-        device: str | torch.device = "auto",
-        precision: str | None = None,
-        tta: bool = False,
-        overlap: float | None = None,
-        sw_batch_size: int | None = None,
+        device: str | torch.device | None = None,
         roi_size: Sequence[int] | None = None,
-        postprocess: str | Mapping[Any, Any] = "none",
         uncertainty: bool = False,
         config: Config | None = None,
     ) -> Predictor:
         """A predictor for a network in memory — e.g. the one being trained — with the plan it was trained
-        with (orientation, spacing, intensity, body crop, patch; a run's ``plan.json``) and its label names.
+        with (a :class:`~medseg.io.plan.Plan`, or its JSON form: a run's ``plan.json``) and its label names.
 
-        Everything else is as for checkpoints: ``overlap``, ``sw_batch_size`` and the blending mode default to
-        ``config.infer`` (the config defaults without ``config``), the window to ``config.infer.roi_size`` or
-        the plan's ``patch_size``; ``postprocess`` is ``"none"`` or a mapping (no rules are recorded in memory;
-        ``"auto"`` means none). The network is used as it is (eval mode, moved to ``device``); in a lower
-        precision a copy runs (:func:`medseg.inference.fast.prepare_network`), so later changes to its weights
-        need a new predictor.
+        Everything else is as for checkpoints: ``options`` as for :class:`Predictor` (``device`` replaces
+        ``options.device``, and may be a ``torch.device``); ``overlap``, ``sw_batch_size`` and the blending
+        mode default to ``config.infer`` (the config defaults without ``config``), the window to
+        ``config.infer.roi_size`` or the plan's ``patch_size``; ``postprocess`` is ``"none"`` or a mapping
+        (no rules are recorded in memory; ``"auto"`` means none). The network is used as it is (eval mode,
+        moved to ``device``); in a lower precision a copy runs (:func:`medseg.inference.fast.prepare_network`),
+        so later changes to its weights need a new predictor.
 
         Example:
             >>> net = medseg.create_network("attention_unet", 1, 3)                       # doctest: +SKIP
-            >>> plan = json.loads(Path("runs/demo/plan.json").read_text())                # doctest: +SKIP
-            >>> Predictor.from_network(net, plan, plan["labels"]).predict("ct.nii.gz")    # doctest: +SKIP
+            >>> plan = Plan.from_dict(json.loads(Path("runs/demo/plan.json").read_text()))  # doctest: +SKIP
+            >>> Predictor.from_network(net, plan, plan.labels).predict("ct.nii.gz")       # doctest: +SKIP
 
         Raises:
             TypeError: ``network`` is not a ``torch.nn.Module``.
-            ValueError: an unknown ``precision`` or ``postprocess`` mode, or a plan without the preprocessing.
+            ValueError: an unknown ``precision`` or ``postprocess`` mode, or a malformed plan
+                (:class:`~medseg.io.plan.PlanError`, e.g. ``plan: missing spacing``).
         """
         if not isinstance(network, torch.nn.Module):
             raise TypeError(f"network: expected a torch.nn.Module, got {type(network).__name__}")
-        missing = [k for k in ("orientation", "spacing", "intensity", "patch_size") if k not in plan]
-        if missing:
-            raise ValueError(f"plan: missing {', '.join(missing)} (a run's plan.json holds them)")
-        _check_postprocess(postprocess)
-        resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        plan = Plan.from_dict(plan, where="plan")
+        options = options or SegmentOptions()
+        if isinstance(device, torch.device):
+            resolved = device
+        else:
+            resolved = resolve_device(device or options.device)
         config = config or Config()
         loaded = LoadedCheckpoints(
             paths=[],
             sha256=[],
             models=[network.to(resolved).eval()],
-            roi_sizes=[[int(r) for r in (roi_size or config.infer.roi_size or plan["patch_size"])]],
+            roi_sizes=[[int(r) for r in (roi_size or config.infer.roi_size or plan.patch_size)]],
             config=config,
-            plan=dict(plan),
+            plan=plan,
             label_names={str(k): int(v) for k, v in label_names.items()},
             postprocess=None,
-            mirror_axes=sorted(int(a) for a in plan.get("mirror_axes", [])),
+            mirror_axes=sorted(plan.mirror_axes),
         )
         self = cls.__new__(cls)
-        self._setup(loaded, resolved, overlap, sw_batch_size, tta, precision, postprocess, uncertainty)
+        self._setup(loaded, resolved, options, uncertainty)
         return self
 
     def _setup(
-        self, loaded: LoadedCheckpoints, device: torch.device, overlap: float | None, sw_batch_size: int | None,
-        tta: bool, precision: str | None, postprocess: str | Mapping[Any, Any], uncertainty: bool,
-    ) -> None:  # fmt: skip
+        self, loaded: LoadedCheckpoints, device: torch.device, options: SegmentOptions, uncertainty: bool
+    ) -> None:
         """The state both constructors share: networks and windows, precision, mirroring, postprocessing."""
         self.device, self.checkpoints, self.checkpoint_sha256 = device, loaded.paths, loaded.sha256
         self.checkpoint = loaded.paths[0] if loaded.paths else Path("network")
@@ -249,23 +250,24 @@ class Predictor:
         self.plan, self.label_names = loaded.plan, loaded.label_names
         self.model, self.roi_size = self.models[0], self.roi_sizes[0]
         infer: InferConfig = self.config.infer
-        self.overlap = infer.overlap if overlap is None else overlap
-        self.sw_batch_size = sw_batch_size or infer.sw_batch_size
+        self.overlap = infer.overlap if options.overlap is None else options.overlap
+        self.sw_batch_size = options.sw_batch_size or infer.sw_batch_size
         self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
-        resolved = resolve_precision(precision, self.device)
+        resolved = resolve_precision(options.precision, self.device)
         self.autocast, self.precision = resolved.dtype, resolved.name
         self.networks = [prepare_network(m, self.device, self.autocast) for m in self.models]
-        self.tta = bool(tta)
+        self.tta = bool(options.tta)
         self.uncertainty = bool(uncertainty)
-        self.lr_axis = sagittal_axis(self.plan["orientation"])
+        self.lr_axis = sagittal_axis(self.plan.orientation)
         self.tta_note: str | None = None
         self.swap: dict[int, int] | None = None
         self.flips: list[tuple[int, ...]] = [()]
         if self.tta:
             self.flips, self.swap, self.tta_note = choose_flips(
-                self.label_names, self.plan["orientation"], loaded.mirror_axes
+                self.label_names, self.plan.orientation, loaded.mirror_axes
             )
+        postprocess = options.postprocess
         if isinstance(postprocess, str):  # "auto": the first checkpoint's recorded rules (none in memory)
             raw = loaded.postprocess if postprocess == "auto" else None
             source = (
@@ -293,11 +295,7 @@ class Predictor:
                     logits = sliding_window_logits(
                         network,  # autocast and memory layout inside (medseg.inference.fast)
                         img[None].to(out_device),
-                        roi,
-                        self.overlap,
-                        self.sw_batch_size,
-                        self.mode,
-                        amp=False,
+                        SlidingWindow(roi, self.overlap, self.sw_batch_size, self.mode),
                         sw_device=self.device,
                         out_device=out_device,
                         progress=_window_progress(img.shape[1:], roi),
@@ -342,7 +340,7 @@ class Predictor:
     ) -> Prepared:
         """Read (a path) and preprocess one scan for :meth:`predict`; raises as :meth:`predict` does.
 
-        A model trained on ``k`` input channels (an nnU-Net dataset, ``plan["in_channels"]``) takes the list
+        A model trained on ``k`` input channels (an nnU-Net dataset, ``plan.in_channels``) takes the list
         of its ``k`` co-registered channel files, read and stacked as in training (MONAI's loader); the mask
         gets the first file's grid. A single scan for such a model is refused
         (:func:`medseg.inference.ensemble.check_single_channel`).
@@ -368,7 +366,7 @@ class Predictor:
         return Prepared(reference, image, stages)
 
     def _prepare_channels(self, files: list[str], stages: _Stages) -> Prepared:
-        k = int(self.plan.get("in_channels", 1))
+        k = self.plan.in_channels
         if len(files) == 1:
             return self.prepare(files[0])
         if len(files) != k:
@@ -472,13 +470,6 @@ class Predictor:
             info={**info, "postprocess": {}, "mean_entropy": {}, **stages.info()},
             uncertainty=np.zeros(shape, np.float32) if self.uncertainty else None,
             probabilities=probs,
-        )
-
-
-def _check_postprocess(postprocess: object) -> None:
-    if isinstance(postprocess, str) and postprocess not in POSTPROCESS_MODES:
-        raise ValueError(
-            f"unknown postprocess {postprocess!r}; valid: {', '.join(POSTPROCESS_MODES)} or a mapping"
         )
 
 

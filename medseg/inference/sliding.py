@@ -5,6 +5,7 @@ This module is medseg's one caller of MONAI's sliding window: segmentation, test
 (:mod:`medseg.inference.attention`, whose windows return α instead of logits) all stitch through
 :func:`sliding_window_logits`.
 
+* :class:`SlidingWindow` — the window plan: size, overlap, windows per forward pass, blending mode.
 * :func:`sliding_window_logits` — the stitched logits (or any per-window map), with the autocast dtype and the
   devices of the windows and of the stitching buffer as arguments.
 * :func:`softmax_` — softmax over the class axis in place (no second ``K × volume`` buffer).
@@ -28,6 +29,7 @@ Restoring the result to the input's voxel grid is :func:`medseg.inference.restor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -40,15 +42,32 @@ T = TypeVar("T")
 CPU_STITCHING_WARNING = "stitching on the CPU: the volume did not fit in GPU memory"
 
 
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How a volume is cut into windows and stitched back: the arguments of MONAI's
+    ``sliding_window_inference`` that belong to a model rather than to a call.
+
+    Attributes:
+        roi_size: the window, in voxels per spatial axis (the training patch).
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
+        sw_batch_size: windows per forward pass.
+        mode: ``"gaussian"`` (nnU-Net's weighting: window centres count more) or ``"constant"``.
+    """
+
+    roi_size: tuple[int, ...]
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    mode: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
-    roi_size: Sequence[int],
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    mode: str = "gaussian",
-    amp: bool = True,
+    window: SlidingWindow | Sequence[int],
     *,
     autocast_dtype: torch.dtype | None = None,
     sw_device: torch.device | str | None = None,
@@ -59,34 +78,32 @@ def sliding_window_logits(
 
     Args:
         model: the network (put in eval mode), or any callable ``windows (b, C, *roi) → (b, K, *roi)``.
-        image, roi_size, overlap, sw_batch_size, mode: as MONAI's ``sliding_window_inference``
-            (volumes smaller than the window are padded, and the result cropped back).
-        amp: fp16 autocast when the windows run on CUDA (training's validation); ignored when
-            ``autocast_dtype`` is given.
+        image: ``(B, C, *spatial)``; volumes smaller than the window are padded, and the result cropped back.
+        window: the :class:`SlidingWindow`, or just its ``roi_size`` (the other fields at their defaults).
         autocast_dtype: autocast the network to this dtype on the windows' device (``torch.bfloat16`` on the
-            CPU or CUDA); ``None`` with ``amp=False`` runs in float32. The stitched output stays float32.
+            CPU or CUDA, ``torch.float16`` on CUDA); ``None`` runs in float32. The stitched output stays
+            float32.
         sw_device: device of the windows and the network (default: ``image.device``).
         out_device: device of the stitching buffer (default: ``image.device``).
         progress: a progress bar over the windows on stderr (MONAI's tqdm bar), for large volumes.
     """
+    if not isinstance(window, SlidingWindow):
+        window = SlidingWindow(tuple(window))
     if isinstance(model, nn.Module):
         model.eval()
-    roi = [int(r) for r in roi_size]
     window_device = torch.device(sw_device) if sw_device is not None else image.device
     if autocast_dtype is not None:
         autocast = torch.autocast(device_type=window_device.type, dtype=autocast_dtype)
     else:
-        autocast = torch.autocast(
-            device_type=window_device.type, enabled=amp and window_device.type == "cuda"
-        )
+        autocast = torch.autocast(device_type=window_device.type, enabled=False)
     with autocast:
         out = sliding_window_inference(
             torch.as_tensor(image),
-            roi,
-            sw_batch_size,
+            list(window.roi_size),
+            window.sw_batch_size,
             model,
-            overlap=overlap,
-            mode=mode,
+            overlap=window.overlap,
+            mode=window.mode,
             padding_mode="constant",
             sw_device=sw_device,
             device=out_device,

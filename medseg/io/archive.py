@@ -1,7 +1,7 @@
 """``.zip`` archives as untrusted input: list every member, decide, then extract only what medseg reads.
 
 >>> found = extract_zip("study.zip", "tmp/")                             # doctest: +SKIP
->>> found.folder, found.extracted, found.note()
+>>> found.folder, found.extracted, found.note()                         # doctest: +SKIP
 (PosixPath('tmp/export'), ('export/IM0001', ...), 'study.zip: 2 member(s) not read (not NIfTI or DICOM): …')
 
 Nothing is written before the whole central directory has been read and judged; then only the **candidate
@@ -85,14 +85,20 @@ _WHY = {
 class ArchiveLimits:
     """What an archive may hold before medseg refuses it (all checked before anything is written).
 
-    The defaults pass real PACS exports of thousands of slices. ``max_ratio``: a deflate bomb expands about
-    1030 times (zeros); measured on real CT (``../shared/data/real_ct`` as a DICOM series, deflate level 9):
-    1.35-1.46 per slice of the real 120×126 slices; 20 per 512×512 slice padded with air (-1024 HU) and 416 for a
-    slice that is air only (its 1.4 KB header does not compress); an uncompressed ``.nii`` 1.39 (real) and
-    23.5 (padded with air to 512×512×184: 95 % air); a ``.nii.gz`` 1.0-1.1. The ratio is therefore judged
-    only on members above ``ratio_from_bytes`` (16 MiB: above any single DICOM slice, 2048² int16 being
-    8 MiB) — where real data stays below 25, 8× under the cap — and on the candidates together (a padded
-    series: about 21; thousands of small bombs would be caught there).
+    The defaults pass real PACS exports of thousands of slices and refuse deflate bombs. The compression
+    ratios of real and bomb archives they were chosen from are in ``docs/design.md`` (section
+    ``medseg.io.archive``).
+
+    Attributes:
+        max_members: members the archive may hold; checked first on the end-of-central-directory record,
+            before ``zipfile`` reads the directory into memory.
+        max_total_bytes: uncompressed bytes of the NIfTI and DICOM members together (they must also fit
+            the free disk space).
+        max_ratio: largest expansion (uncompressed / compressed bytes) of one candidate member above
+            ``ratio_from_bytes``, and of the candidates together once they exceed ``ratio_from_bytes``.
+        ratio_from_bytes: size from which the ratio is judged: above any single DICOM slice (2048² int16
+            is 8 MiB), so a small member that compresses well, such as a slice of air, is not refused.
+        directory_bytes_per_member: central directory bytes allowed per member.
     """
 
     max_members: int = 100_000

@@ -11,14 +11,14 @@ Reading is checked in layers, each failure one line naming the file (:class:`med
    the opcodes (:func:`pickle_globals`), never by running them, and reported as pickled code, so the user
    never sees PyTorch's advice to load with ``weights_only=False``;
 3. ``torch.load(weights_only=True)``, which stays the gate that enforces the allowlist;
-4. our format tag, a supported version, and the required keys with the right kinds of values.
+4. our format tag, a supported version, and the required keys with the right kinds of values (the plan
+   as :meth:`medseg.io.plan.Plan.from_dict` reads it; the checkpoint keeps the plan's plain dict form).
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import pickle
 import pickletools
@@ -34,14 +34,13 @@ import torch
 
 from medseg.io.atomic import atomic_path
 from medseg.io.nifti import InputError
+from medseg.io.plan import Plan
 
 FORMAT = "medseg-checkpoint"
 #: 2: the config has no ``model.skip_gate`` (the network name decides the gates); version-1 configs are
 #: migrated by :func:`medseg.config.migrate_config` when read.
 VERSION = 2
 REQUIRED = ("model", "config", "plan", "labels")
-#: Keys of the preprocessing plan that inference needs (written by ``medseg.planning.fingerprint.make_plan``).
-PLAN_KEYS = ("orientation", "spacing", "intensity", "patch_size")
 #: Largest ``data.pkl`` read for the opcode scan (tensors live in other archive members).
 MAX_PICKLE_BYTES = 256 * 2**20
 #: Pickle opcodes that push a string (candidates for the module and name of a ``STACK_GLOBAL``).
@@ -185,18 +184,6 @@ def check_archive(path: str | os.PathLike) -> None:
         raise InputError(f"{path}: contains pickled code ({shown}); refused")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _numbers(value: object, n: int, positive: bool = True) -> bool:
-    return (
-        isinstance(value, list | tuple)
-        and len(value) == n
-        and all(_is_number(v) and (v > 0 or not positive) for v in value)
-    )
-
-
 def check_contents(ckpt: object, path: str | os.PathLike) -> None:
     """Check a loaded checkpoint's tag, version and required keys (kinds of values, plan keys).
 
@@ -227,51 +214,7 @@ def check_contents(ckpt: object, path: str | os.PathLike) -> None:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels.values())
     ):
         raise InputError(f"{path}: checkpoint key 'labels' is not a mapping of label names to indices")
-    _check_plan(ckpt["plan"], path)
-
-
-def _check_plan(plan: object, path: str | os.PathLike) -> None:
-    """The plan keys inference reads (:data:`PLAN_KEYS`) are present and well-formed."""
-    if not isinstance(plan, Mapping):
-        raise InputError(f"{path}: checkpoint key 'plan' is not a mapping")
-    missing = [k for k in PLAN_KEYS if k not in plan]
-    if missing:
-        raise InputError(f"{path}: checkpoint plan misses {missing}")
-    problems = {
-        "spacing": not _numbers(plan["spacing"], 3),
-        "patch_size": not _numbers(plan["patch_size"], 3)
-        or not all(isinstance(v, int) for v in plan["patch_size"]),
-        "orientation": not (isinstance(plan["orientation"], str) and len(plan["orientation"]) == 3),
-        "intensity": not _intensity_ok(plan["intensity"]),
-        "in_channels": not (isinstance(plan.get("in_channels", 1), int) and plan.get("in_channels", 1) > 0),
-        "pool_kernels": not _kernels_ok(plan.get("pool_kernels")),
-    }
-    bad = [key for key, wrong in problems.items() if wrong]
-    if bad:
-        raise InputError(f"{path}: checkpoint plan holds an invalid {bad[0]}: {plan.get(bad[0])!r}")
-
-
-def _kernels_ok(kernels: object) -> bool:
-    """Absent (2×2×2 poolings, plans before per-axis pooling) or a list of ``[k, k, k]`` with k in {1, 2}."""
-    return kernels is None or (
-        isinstance(kernels, list)
-        and all(isinstance(k, list) and len(k) == 3 and all(v in (1, 2) for v in k) for k in kernels)
-    )
-
-
-def _intensity_ok(intensity: object) -> bool:
-    """One intensity mapping, or a non-empty list of one per input channel (multi-channel plans)."""
-    items = intensity if isinstance(intensity, list) and intensity else [intensity]
-    return all(
-        isinstance(it, Mapping)
-        and it.get("mode") in ("window", "zscore")
-        and all(_is_number(it.get(k)) for k in _intensity_keys(it))
-        for it in items
-    )
-
-
-def _intensity_keys(intensity: Mapping) -> Iterable[str]:
-    return ("a_min", "a_max", "mean", "std") if intensity.get("mode") == "zscore" else ("a_min", "a_max")
+    Plan.from_dict(ckpt["plan"], where=f"{path}: checkpoint plan")  # checked; the dict form is kept
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

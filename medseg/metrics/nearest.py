@@ -14,11 +14,11 @@ EDT) to the last bits. Two exact methods, chosen per direction by an estimate of
    Rows are visited in increasing in-plane distance and a query stops as soon as that exceeds its best d²,
    so a corner on the other surface finishes after one lookup; a query at distance d visits ~π d²/(s_a s_b)
    rows. Queries still undecided after ``_SEARCH_ROWS`` rows go to a k-d tree
-   (:class:`scipy.spatial.cKDTree`), which is slow next to a dense surface (~20 µs a query).
+   (:class:`scipy.spatial.cKDTree`), which is slow next to a dense surface (``_NS_PER_KDTREE_QUERY``).
 2. **Euclidean distance transform** (surfaces far apart): the feature transform of the target border over
    the (padded union) box, ``scipy.ndimage.distance_transform_edt(~border, sampling, return_indices=True)``
    — what ``surface-distance`` computes — read at the query corners. Its cost is set by the box volume
-   (~0.1 µs a voxel), not by the distances: it bounds the worst case.
+   (``_NS_PER_EDT_VOXEL``), not by the distances: it bounds the worst case.
 
 The estimate: ``_SAMPLE`` queries spread over the surface run through the row search, which counts the rows
 they visit and the queries it leaves to the k-d tree; scaled to all queries, priced with the constants
@@ -29,23 +29,17 @@ apart take the search and surfaces tens of voxels apart the EDT (``python -m ben
 ``surface-distance`` and brute force.
 
 **Two loops for the search, one result.** A query's rows are visited either by numpy, vectorised over
-chunks of queries (~6 ns a row), or by a compiled loop (:mod:`medseg.metrics.rowscan`, numba, ~2 ns a
-row). The compiled loop costs its process a one-off ~0.55 s (importing numba, loading the loop from
-numba's cache) and ~140 MB of resident memory (LLVM): more than it saves on a small evaluation, or on a
-single large pair. So a process starts with numpy and switches for good once the time the compiled loop
-would have saved on its searches (by the estimate, per wall second) adds up to that one-off cost — "ski
-rental", never more than twice the better choice made in hindsight. Evaluating a few phantom cases never
-loads numba; a folder of clinical CTs or bad predictions load it at the second or third large search.
-``_LOOP`` forces one loop (tests, benchmarks); both give the same rows, offsets and distances.
+chunks of queries (``_NS_PER_ROW``), or by a compiled loop (:mod:`medseg.metrics.rowscan`, numba,
+``_NS_PER_ROW_COMPILED``). The compiled loop costs its process a one-off ``_NS_LOAD_COMPILED`` (importing
+numba, loading the loop from numba's cache) and the resident memory of LLVM: more than it saves on a small
+evaluation, or on a single large pair. So a process starts with numpy and switches for good once the time
+the compiled loop would have saved on its searches (by the estimate, per wall second) adds up to that
+one-off cost — "ski rental", never more than twice the better choice made in hindsight. Evaluating a few
+phantom cases never loads numba; a folder of clinical CTs or bad predictions load it at the second or third
+large search. ``_LOOP`` forces one loop (tests, benchmarks); both give the same rows, offsets and distances.
 
-Tried and dropped: a two-level search that prunes 4×4-row tiles with a lower bound from the tile's nearest
-corner along the row axis (exact, ~2× fewer lookups at 8-12 voxels) measured 7 % faster at 8-12 voxels and
-40 % slower at 2-6 voxels than the row search (numpy overhead per tile); scipy's k-d tree for all queries was
-2-3× slower than the row search at 8-12 voxels; numba always (the one-off cost made `medseg evaluate` of 4
-phantom cases 3.4-3.7 → 4.1-4.8 s); in the compiled loop, an unpadded ``G`` with bounds checks and a
-12,000-row disc (8 % slower a row at 8-12 voxels; at 30-36 voxels it beat the EDT, 6.8 vs 14.4 s in one run
-on a loaded machine, not re-measured) and ``G`` stored row axis first so that a disc's rows share cache lines
-(at 8-12 voxels the copy cost 0.13 s and saved 0.03 s).
+The measured prices, the loop timings and the alternatives tried and not kept are in ``docs/design.md``
+(section ``medseg.metrics.nearest``).
 """
 
 from __future__ import annotations

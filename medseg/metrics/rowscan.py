@@ -7,10 +7,10 @@ one in the table of squared in-row distances.
 
 Why compiled: the same loop vectorised in numpy (chunks of queries, a growing batch of rows each, compacting
 the queries still running) needs five full passes over an index/value array per batch and stops a query only
-at the end of its batch. On the 300×512×512 shell pair 8-12 voxels apart (323,088 queries, 251 rows each on
-average) it took 0.37-0.41 s against 0.13-0.14 s for this loop, with identical results. Loading it costs a
-process ~0.55 s and ~140 MB once, so :mod:`medseg.metrics.nearest` uses it only once that has paid off;
-``nogil`` lets the two halves of the queries run in two threads.
+at the end of its batch; this loop stops each query at its own last row, with identical results. Loading it
+is a one-off cost per process, in time and memory, so :mod:`medseg.metrics.nearest` uses it only once that
+has paid off; ``nogil`` lets the two halves of the queries run in two threads. Timings: ``docs/design.md``
+(section ``medseg.metrics.rowscan``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["scan_rows"]
 def _jit(fn):
     """``numba.njit`` with the compiled code cached on disk (next to this file, else numba's user-wide cache
     folder, else ``NUMBA_CACHE_DIR``); where none is writable numba refuses to cache, and the loop is compiled
-    once per process instead (~0.5 s more)."""
+    once per process instead."""
     try:
         return njit(nogil=True, cache=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"

@@ -10,20 +10,15 @@ that report HD95 / NSD, e.g. Nikolov et al. 2021):
   derived in :func:`_code_triangle_normals` (not copied): cut edges at their midpoints, ambiguous faces
   resolved by separating the minority corners, each polygon triangulated like the classic marching-cubes
   table (for the non-planar 5-, 6- and 7-gons that is the triangulation of largest area at unit spacing).
-  Tests check it against the package's table for random anisotropic spacings (max abs diff 1.4e-14 mm²).
-* Why not MONAI's ``monai.metrics.utils.create_table_neighbour_code_to_surface_area`` (issue: use the
-  library where it has it): it indexes codes exactly like we do (same ``ENCODING_KERNEL``, so the code
-  permutation is the identity) and gives the same areas up to rounding, but it is **float32** (its normals
-  tensor takes torch's default dtype and the spacing is cast to it). Over 200 random spacings in
-  [0.2, 6] mm its max abs diff to ``surface-distance`` is 5.6e-6 mm² (relative 1.8e-7), ours 1.4e-14; that
-  fails the 1e-12 equality test and, on 40 random blob pairs, moves NSD/ASD agreement with
-  ``surface-distance`` from ~1e-15 to ~1e-8. Only MONAI's private ``_get_neighbour_code_to_normals_table``
-  would give float64. Using MONAI would also import torch + MONAI into the torch-free ``medseg evaluate``
-  path: +2.3-2.9 s and +340 MiB per process (per spawn worker), ~10x a whole
-  :func:`~medseg.metrics.evaluate_pair` of a 300×512×512 CT (0.27 s). Warm, a table costs about the same
-  (ours 22 µs, MONAI 25 µs; one per label in :func:`_distances_padded`: 0.8 ms of a 57 ms 20-label
-  evaluation, so no per-spacing cache); ours pays a one-off ~0.09 s derivation per process. Reproduce:
-  ``python -m benchmarks.bench_metrics --tables``.
+  Tests hold it equal to the package's table to 1e-12 mm² for random anisotropic spacings.
+* The table is ours, not MONAI's ``monai.metrics.utils.create_table_neighbour_code_to_surface_area``. Both
+  index codes alike (same ``ENCODING_KERNEL``, so the code permutation is the identity; a test checks that
+  MONAI's table equals ours to float32 rounding), but MONAI's is **float32** (its normals tensor takes torch's
+  default dtype and the spacing is cast to it), which fails the 1e-12 equality above, and calling it would
+  import torch and MONAI into the torch-free ``medseg evaluate`` path. Only MONAI's private
+  ``_get_neighbour_code_to_normals_table`` would give float64. The measured differences and costs
+  (``python -m benchmarks.bench_metrics --tables``) are in ``docs/design.md`` (section
+  ``medseg.metrics.surface``).
 * The distance of a border corner of one mask to the other mask is the Euclidean distance in mm to the
   nearest border corner of the other mask (``surface-distance`` runs an EDT on the border; we get the same
   numbers, usually without one, see below).

@@ -2,8 +2,8 @@
 
 * :class:`ConcatFusion` — the U-Net's: trilinear ×2 up-sampling to the skip's exact size, concatenation,
   two 3×3×3 conv–norm–ReLU (Ronneberger et al. 2015; Oktay et al. 2018 Fig. 1).
-* :class:`GAUFusion` — PAN's global attention upsample (Li et al., BMVC 2018, Sec. 3.2) followed by the
-  level's two 3×3×3 convolutions.
+* :class:`GAUFusion` — PAN's global attention upsample (Li et al., BMVC 2018, Fig. 3;
+  :mod:`medseg.nets.blocks.pan`) followed by the level's two 3×3×3 convolutions.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ConcatFusion(nn.Module):
 
 
 class GAUFusion(nn.Module):
-    """PAN's global attention upsample followed by the level's two 3×3×3 convolutions."""
+    """PAN's global attention upsample (Li et al. 2018) followed by the level's two 3×3×3 convolutions."""
 
     def __init__(self, high: int, low: int, out: int, norm: str = "instance", **options) -> None:
         super().__init__()

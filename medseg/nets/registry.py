@@ -179,6 +179,7 @@ def build_network(
         >>> net = build_network(ModelConfig(name="unet", bottleneck="pam"), 1, 3)  # doctest: +SKIP
     """
     from medseg.nets.multiscale import MultiScaleNet
+    from medseg.nets.unet import UNetBlocks
 
     make_network = look_up(NETWORKS, model_cfg.name, "network")
     bottleneck = look_up(BOTTLENECKS, model_cfg.bottleneck, "bottleneck")
@@ -186,16 +187,19 @@ def build_network(
     head = look_up(HEADS, model_cfg.head, "head")
     look_up(dict.fromkeys(SCALE_FUSIONS), model_cfg.scale_fusion, "scale_fusion")
     scales = [float(s) for s in model_cfg.scales]
+    blocks = UNetBlocks(
+        bottleneck=partial(bottleneck, **_options(model_cfg, model_cfg.bottleneck)) if bottleneck else None,
+        fusion=partial(fusion, **_options(model_cfg, model_cfg.decoder_fusion)),
+        head=partial(head, **_options(model_cfg, model_cfg.head)) if head else None,
+    )
     net = make_network(
         in_channels,
         num_classes,
         filters=model_cfg.filters,
         norm=model_cfg.norm,
         deep_supervision=bool(model_cfg.deep_supervision) and len(scales) == 1,
-        bottleneck=partial(bottleneck, **_options(model_cfg, model_cfg.bottleneck)) if bottleneck else None,
-        fusion=partial(fusion, **_options(model_cfg, model_cfg.decoder_fusion)),
-        head=partial(head, **_options(model_cfg, model_cfg.head)) if head else None,
         pool_kernels=pool_kernels,
+        blocks=blocks,
     )
     if len(scales) > 1 or scales[0] != 1.0:
         return MultiScaleNet(net, scales, model_cfg.scale_fusion)

@@ -37,6 +37,7 @@ Output contract:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,6 +45,24 @@ from torch import nn
 from medseg.nets.blocks.common import ConvNormAct, DoubleConv
 from medseg.nets.blocks.grid_attention import GridAttentionGate3D
 from medseg.nets.fusion import ConcatFusion
+
+
+@dataclass(frozen=True)
+class UNetBlocks:
+    """The pluggable parts of a U-Net, as factories (:mod:`medseg.nets.registry` makes them from the config's
+    ``model.bottleneck``, ``model.decoder_fusion`` and ``model.head``).
+
+    Attributes:
+        bottleneck: ``(channels, num_classes, norm) -> nn.Module`` or ``None``; the module returns a tensor,
+            or ``(tensor, aux_dict)``.
+        fusion: ``(high_channels, low_channels, out_channels, norm) -> nn.Module``; ``None``: concatenation.
+        head: ``(in_channels, num_classes, norm) -> nn.Module``, returning logits or ``(logits, aux)``;
+            ``None``: a 1×1×1 convolution.
+    """
+
+    bottleneck: Callable[..., nn.Module] | None = None
+    fusion: Callable[..., nn.Module] | None = None
+    head: Callable[..., nn.Module] | None = None
 
 
 class UNet3D(nn.Module):
@@ -55,14 +74,11 @@ class UNet3D(nn.Module):
         filters: channels per level, default ``(16, 32, 64, 128, 256)`` (Oktay et al.'s 3D CT network).
         norm: ``instance`` | ``batch`` | ``group``.
         deep_supervision: add a 1×1×1 head per decoder level (used in training only).
-        bottleneck: factory ``(channels, num_classes, norm) -> nn.Module`` or ``None``; the module returns a
-            tensor, or ``(tensor, aux_dict)``.
-        fusion: factory ``(high_channels, low_channels, out_channels, norm) -> nn.Module``; default concat.
-        head: factory ``(in_channels, num_classes, norm) -> nn.Module``; returns logits or ``(logits, aux)``;
-            default a 1×1×1 convolution.
         pool_kernels: per pooling step (``len(filters) - 1`` of them) the max-pool kernel (= stride) per
             axis, each 1 or 2; default all ``(2, 2, 2)``. The grid attention gate of a level uses the same
             factors for θ, so its coefficients lie on the gating signal's grid.
+        blocks: the pluggable bottleneck, decoder fusion and head (:class:`UNetBlocks`); default none,
+            concatenation and a 1×1×1 convolution.
 
     Attention gates: none here; :class:`AttentionUNet3D` (``grid_gates = True``) adds them.
 
@@ -81,10 +97,8 @@ class UNet3D(nn.Module):
         filters: Sequence[int] = (16, 32, 64, 128, 256),
         norm: str = "instance",
         deep_supervision: bool = True,
-        bottleneck: Callable[..., nn.Module] | None = None,
-        fusion: Callable[..., nn.Module] | None = None,
-        head: Callable[..., nn.Module] | None = None,
         pool_kernels: Sequence[Sequence[int]] | None = None,
+        blocks: UNetBlocks = UNetBlocks(),
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
@@ -100,7 +114,8 @@ class UNet3D(nn.Module):
             [DoubleConv(in_channels if i == 0 else filters[i - 1], f, norm) for i, f in enumerate(filters)]
         )
         self.pools = nn.ModuleList([nn.MaxPool3d(k) for k in self.pool_kernels])  # no weights
-        self.bottleneck = bottleneck(filters[-1], num_classes, norm) if bottleneck else None
+        make_bottleneck, make_head = blocks.bottleneck, blocks.head
+        self.bottleneck = make_bottleneck(filters[-1], num_classes, norm) if make_bottleneck else None
 
         # Gates on skip levels 1..depth-2 (0-based); level 0 (full resolution) is not gated.
         self.gates = nn.ModuleDict()
@@ -114,11 +129,13 @@ class UNet3D(nn.Module):
                     sub_sample=self.pool_kernels[lvl],
                     norm=norm,
                 )
-        make_fusion = fusion or ConcatFusion
+        make_fusion = blocks.fusion or ConcatFusion
         self.decoder = nn.ModuleList(
             [make_fusion(filters[lvl + 1], filters[lvl], filters[lvl], norm) for lvl in range(depth - 1)]
         )
-        self.head = head(filters[0], num_classes, norm) if head else nn.Conv3d(filters[0], num_classes, 1)
+        self.head = (
+            make_head(filters[0], num_classes, norm) if make_head else nn.Conv3d(filters[0], num_classes, 1)
+        )
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(filters[lvl], num_classes, 1) for lvl in range(1, depth - 1)]
             if deep_supervision

@@ -16,6 +16,7 @@ import numpy as np
 
 from medseg.data.datasets import input_channels, label_names, read_dataset_json, split_cases, training_cases
 from medseg.io.nifti import load_volume, voxel_spacing
+from medseg.io.plan import Plan
 from medseg.planning.planner import (
     CPU_DEFAULT_MEMORY_GB,
     NetworkSize,
@@ -127,8 +128,10 @@ def make_plan(
     channels: list[str] | None = None,
     memory_gb: float | None = None,
     memory_source: str | None = None,
-) -> dict:
-    """Resolve the config (a :class:`medseg.config.Config`) against the fingerprint of ``cases``.
+) -> Plan:
+    """Resolve the config (a :class:`medseg.config.Config`) against the fingerprint of ``cases``: the
+    :class:`~medseg.io.plan.Plan` (its JSON form, :meth:`~medseg.io.plan.Plan.to_dict`, is what plan files
+    and checkpoints hold).
 
     ``preprocess.spacing: auto`` takes the planner's target spacing, ``augment.patch_size: auto`` and
     ``train.batch_size: auto`` its patch (with per-axis pool kernels) and batch size for ``memory_gb``
@@ -159,7 +162,7 @@ def make_plan(
         patch=None if auto_patch else cfg.augment.patch_size,
         batch=None if auto_batch else cfg.train.batch_size,
     )
-    return {
+    plan = {
         "orientation": pre.orientation,
         "spacing": spacing,
         "intensity": intensity,
@@ -189,11 +192,12 @@ def make_plan(
             "class_fractions": fp["class_fractions"],
         },
     }
+    return Plan.from_dict(plan, where="planned plan")
 
 
 def plan_dataset(
     cfg, root, memory_gb: float | None = None, memory_source: str | None = None
-) -> tuple[dict, list[dict], list[dict]]:
+) -> tuple[Plan, list[dict], list[dict]]:
     """The plan ``medseg train`` makes for the dataset in ``root`` (MSD or nnU-Net layout): the fingerprint
     of the training split of the config's split; returns ``(plan, training cases, validation cases)``."""
     meta = read_dataset_json(root)

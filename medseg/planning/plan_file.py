@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medseg.io import InputError
 from medseg.io.jsonfile import read_json
+from medseg.io.plan import Intensity, Plan
 from medseg.planning.planner import divisors
 
 #: Keys a plan must hold to train with it (``planner`` and ``fingerprint`` are informative only).
@@ -124,8 +125,9 @@ def plan_problems(plan: object, steps: int, labels: dict[str, int], channels: in
     return problems
 
 
-def read_plan(path: str | os.PathLike, steps: int, labels: dict[str, int], channels: int) -> dict:
-    """The plan in ``path``, checked against the network's poolings and the dataset (see module docstring).
+def read_plan(path: str | os.PathLike, steps: int, labels: dict[str, int], channels: int) -> Plan:
+    """The plan in ``path``, checked against the network's poolings and the dataset (see module docstring),
+    then read as a :class:`~medseg.io.plan.Plan` (which refuses unknown keys).
 
     Raises:
         InputError: unreadable or invalid JSON, or a plan with problems — every problem in one line.
@@ -135,11 +137,12 @@ def read_plan(path: str | os.PathLike, steps: int, labels: dict[str, int], chann
     problems = plan_problems(plan, steps, labels, channels)
     if problems:
         raise InputError(f"{path}: {'; '.join(problems)}")
-    return plan
+    return Plan.from_dict(plan, where=str(path))
 
 
-def dump_plan(plan: dict) -> str:
-    """The plan as JSON for people: one key per line, lists of numbers (spacing, patch, kernels) on one line."""
+def dump_plan(plan: Plan) -> str:
+    """The plan as JSON for people (:meth:`~medseg.io.plan.Plan.to_dict`): one key per line, lists of numbers
+    (spacing, patch, kernels) on one line."""
 
     def encode(value: object, depth: int) -> str:
         pad = "  " * depth
@@ -151,30 +154,30 @@ def dump_plan(plan: dict) -> str:
             return "[\n" + ",\n".join(items) + f"\n{pad}]"
         return json.dumps(value)
 
-    return encode(plan, 0) + "\n"
+    return encode(plan.to_dict(), 0) + "\n"
 
 
 def _x(values) -> str:
     return " × ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _intensity_line(it: dict) -> str:
-    if it["mode"] == "window":
-        return f"window [{it['a_min']:g}, {it['a_max']:g}] HU → [0, 1]"
+def _intensity_line(it: Intensity) -> str:
+    if it.mode == "window":
+        return f"window [{it.a_min:g}, {it.a_max:g}] HU → [0, 1]"
     return (
-        f"zscore: clip to foreground 0.5/99.5 % [{it['a_min']:.1f}, {it['a_max']:.1f}] HU, "
-        f"mean {it['mean']:.1f}, std {it['std']:.1f}"
+        f"zscore: clip to foreground 0.5/99.5 % [{it.a_min:.1f}, {it.a_max:.1f}] HU, "
+        f"mean {it.mean:.1f}, std {it.std:.1f}"
     )
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: Plan) -> str:
     """A readable multi-line summary of a plan (what ``medseg plan`` prints)."""
-    info = plan.get("planner", {})
-    intensity = plan["intensity"] if isinstance(plan["intensity"], list) else [plan["intensity"]]
-    names = plan.get("channel_names") or ["CT"] * len(intensity)
-    kernels = plan.get("pool_kernels") or [[2, 2, 2]]
+    info = plan.planner or {}
+    intensity = plan.intensity if isinstance(plan.intensity, tuple) else (plan.intensity,)
+    names = plan.channels()
+    kernels = plan.pool_kernels or [[2, 2, 2]]
     lines = [
-        f"target spacing  {_x(plan['spacing'])} mm ({info.get('spacing_rule', 'recorded')})",
+        f"target spacing  {_x(plan.spacing)} mm ({info.get('spacing_rule', 'recorded')})",
         f"median shape    {_x(info['median_shape'])} voxels at that spacing, {info.get('num_cases', '?')} case(s)"
         if "median_shape" in info
         else None,
@@ -183,15 +186,15 @@ def format_plan(plan: dict) -> str:
             f"{_intensity_line(it)}"
             for c, (n, it) in enumerate(zip(names, intensity, strict=False))
         ),
-        f"patch size      {_x(plan['patch_size'])} ({info.get('patch_size', 'recorded')})",
+        f"patch size      {_x(plan.patch_size)} ({info.get('patch_size', 'recorded')})",
         f"pool kernels    {', '.join('×'.join(map(str, k)) for k in kernels)} → patch a multiple of "
         f"{_x(divisors(kernels))}",
-        f"batch size      {plan.get('batch_size', '?')} ({info.get('batch_size', 'recorded')})",
+        f"batch size      {plan.batch_size or '?'} ({info.get('batch_size', 'recorded')})",
         f"memory          estimated {info['estimated_memory_gb']:g} GB of {info['memory_gb']:g} GB "
         f"({info.get('memory_source', '')})"
         if "estimated_memory_gb" in info
         else None,
-        f"input           {plan.get('in_channels', 1)} channel(s): {', '.join(names)}; orientation "
-        f"{plan['orientation']}; body crop {'on' if plan.get('crop_foreground', True) else 'off'}",
+        f"input           {plan.in_channels} channel(s): {', '.join(names)}; orientation "
+        f"{plan.orientation}; body crop {'on' if plan.crop_foreground else 'off'}",
     ]
     return "\n".join(line for line in lines if line)

@@ -15,6 +15,7 @@ from medseg.config import Config
 from medseg.config.schema import check_patch_fits_network
 from medseg.data.check import require_valid_dataset
 from medseg.device import device_memory_gb
+from medseg.io.plan import Plan
 from medseg.planning.fingerprint import make_plan, plan_dataset
 from medseg.planning.plan_file import format_plan, read_plan
 from medseg.planning.planner import CPU_DEFAULT_MEMORY_GB
@@ -34,7 +35,7 @@ def resolve_plan(
     channels: list[str],
     plan_path: str | os.PathLike | None = None,
     log: Callable[[str], object] = print,
-) -> dict:
+) -> Plan:
     """The plan for this run: ``plan_path`` checked (:func:`medseg.planning.plan_file.read_plan`), or a new plan
     from the fingerprint of ``train_cases`` (:func:`medseg.planning.fingerprint.make_plan`). With a plan file, its
     patch, pool kernels and batch size are used even where the config has explicit values (a note says so).
@@ -49,22 +50,21 @@ def resolve_plan(
             ("augment.patch_size", cfg.augment.patch_size),
             ("train.batch_size", cfg.train.batch_size),
         ):
-            planned = plan["patch_size" if key.startswith("augment") else "batch_size"]
-            if value != "auto" and list(value if isinstance(value, tuple) else [value]) != list(
-                planned if isinstance(planned, list) else [planned]
-            ):
-                log(f"note: {key}={value} in the config; the plan {plan_path} decides: {planned}")
+            planned = plan.patch_size if key.startswith("augment") else (plan.batch_size,)
+            if value != "auto" and tuple(value if isinstance(value, tuple) else [value]) != planned:
+                shown = list(planned) if len(planned) > 1 else planned[0]
+                log(f"note: {key}={value} in the config; the plan {plan_path} decides: {shown}")
         where = f"{plan_path}: patch_size"
     else:
         memory, source = memory_budget(cfg)
         plan = make_plan(cfg, train_cases, labels, channels, memory, source)
         where = "planned patch_size"
-    check_patch_fits_network(tuple(plan["patch_size"]), cfg.model, where, plan["pool_kernels"])
+    check_patch_fits_network(plan.patch_size, cfg.model, where, plan.pool_kernels)
     log(format_plan(plan))
     return plan
 
 
-def plan_for_dataset(cfg: Config, root: str | os.PathLike, gpu_memory_gb: float | None = None) -> dict:
+def plan_for_dataset(cfg: Config, root: str | os.PathLike, gpu_memory_gb: float | None = None) -> Plan:
     """What ``medseg plan DATASET`` computes: the header check, then the plan ``medseg train`` would make
     for ``root`` with ``cfg`` (same split, same planner), for ``gpu_memory_gb`` or the device's memory.
 
@@ -75,5 +75,5 @@ def plan_for_dataset(cfg: Config, root: str | os.PathLike, gpu_memory_gb: float 
     require_valid_dataset(root)
     memory, source = memory_budget(cfg, gpu_memory_gb)
     plan, _, _ = plan_dataset(cfg, root, memory, source)
-    check_patch_fits_network(tuple(plan["patch_size"]), cfg.model, "planned patch_size", plan["pool_kernels"])
+    check_patch_fits_network(plan.patch_size, cfg.model, "planned patch_size", plan.pool_kernels)
     return plan

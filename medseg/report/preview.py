@@ -51,6 +51,33 @@ PLANES = ("axial", "coronal", "sagittal")
 
 
 @dataclass(frozen=True)
+class PreviewDisplay:
+    """How the three planes are shown: the display window, the voxel they pass through, size and resolution.
+
+    Attributes:
+        window: display window in HU (default abdomen W400/L40).
+        centre: RAS-ordered voxel the planes pass through (default: the centroid of the labelled voxels; see
+            :func:`preview_panels`).
+        height_in, dpi: panel height in inches and resolution (4 in × 100 dpi → 400-pixel panels).
+    """
+
+    window: Sequence[float] = ABDOMEN_WINDOW
+    centre: Sequence[int] | None = None
+    height_in: float = 4.0
+    dpi: int = 100
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """How a heat map is blended over the CT: its colour map, the opacity at value 1 (``opacity · value``
+    elsewhere) and the label of its colour bar."""
+
+    cmap: str = "inferno"
+    opacity: float = 0.7
+    label: str = "attention coefficient α"
+
+
+@dataclass(frozen=True)
 class Panel:
     """One plane as drawn: arrays in display order (row 0 at the top, column 0 on the left).
 
@@ -205,13 +232,13 @@ def _colours(label_names: Mapping[str, int]) -> dict[int, tuple[str, tuple[float
 
 
 def _draw(
-    ax, panel: Panel, window: Sequence[float], colours: Mapping, thickness: int, heat: dict | None
+    ax, panel: Panel, window: Sequence[float], colours: Mapping, thickness: int, heat: HeatMap | None
 ) -> None:
     ax.imshow(panel.image, cmap="gray", vmin=window[0], vmax=window[1], extent=panel.extent,
               interpolation="nearest", origin="upper")  # fmt: skip
     if heat is not None and panel.overlay is not None:
         values = np.nan_to_num(np.asarray(panel.overlay, dtype=np.float32))
-        ax.imshow(values, cmap=heat["cmap"], vmin=0.0, vmax=1.0, alpha=np.clip(values, 0, 1) * heat["opacity"],
+        ax.imshow(values, cmap=heat.cmap, vmin=0.0, vmax=1.0, alpha=np.clip(values, 0, 1) * float(heat.opacity),
                   extent=panel.extent, interpolation="nearest", origin="upper")  # fmt: skip
     if panel.labels is not None:
         border = outline(panel.labels, thickness)
@@ -239,8 +266,15 @@ def _thickness(panel: Panel, pixels: float) -> int:
     return max(1, round(max(panel.image.shape) / max(pixels, 1.0)))
 
 
-def _figure(panels: dict[str, Panel], window, colours, title: str, notes: list[str], heat: dict | None,
-            height_in: float, dpi: int):  # fmt: skip
+def _figure(
+    panels: dict[str, Panel],
+    colours,
+    title: str,
+    notes: list[str],
+    heat: HeatMap | None,
+    display: PreviewDisplay,
+):
+    height_in, dpi = display.height_in, display.dpi
     plt = pyplot()
     ratios = [(p.extent[1] - p.extent[0]) / (p.extent[2] - p.extent[3]) for p in panels.values()]
     bar_in, bar_labels_in = (0.25, 0.8) if heat is not None else (0.0, 0.0)
@@ -257,15 +291,15 @@ def _figure(panels: dict[str, Panel], window, colours, title: str, notes: list[s
     axes = []
     for n, panel in enumerate(panels.values()):
         ax = fig.add_subplot(grid[0, n])
-        _draw(ax, panel, window, colours, _thickness(panel, height_in * dpi), heat)
+        _draw(ax, panel, display.window, colours, _thickness(panel, height_in * dpi), heat)
         ax.set_title(f"{panel.plane} {panel.slice_index}", fontsize=8, pad=2)
         axes.append(ax)
     if heat is not None:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        bar = fig.colorbar(ScalarMappable(Normalize(0, 1), heat["cmap"]), cax=fig.add_subplot(grid[0, -1]))
-        bar.set_label(heat["label"], fontsize=8)
+        bar = fig.colorbar(ScalarMappable(Normalize(0, 1), heat.cmap), cax=fig.add_subplot(grid[0, -1]))
+        bar.set_label(heat.label, fontsize=8)
     lines = [line for line in (title, "  ·  ".join([RADIOLOGICAL_NOTE, *notes])) if line]
     fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.05 / (height_in + top_in + bottom_in), va="top")
     if present:
@@ -296,20 +330,17 @@ def preview_figure(
     labels: np.ndarray | None,
     label_names: Mapping[str, int],
     *,
-    window: Sequence[float] = ABDOMEN_WINDOW,
     title: str = "",
-    centre: Sequence[int] | None = None,
-    height_in: float = 4.0,
-    dpi: int = 100,
+    display: PreviewDisplay = PreviewDisplay(),
 ):
     """The preview as a matplotlib figure and its three axes (for :func:`write_preview`, notebooks, tests)."""
-    panels = preview_panels(image, labels, centre=centre)
+    panels = preview_panels(image, labels, centre=display.centre)
     colours = _colours(label_names)
     if labels is not None:
         present = set(np.unique(np.asarray(labels)).tolist())
         colours = {v: c for v, c in colours.items() if v in present}
     notes = _notes(image, labels, label_names)
-    return _figure(panels, window, colours, title, notes, None, height_in, dpi)
+    return _figure(panels, colours, title, notes, None, display)
 
 
 def write_preview(
@@ -318,11 +349,8 @@ def write_preview(
     label_names: Mapping[str, int],
     path: str | os.PathLike,
     *,
-    window: Sequence[float] = ABDOMEN_WINDOW,
     title: str | None = None,
-    centre: Sequence[int] | None = None,
-    height_in: float = 4.0,
-    dpi: int = 100,
+    display: PreviewDisplay = PreviewDisplay(),
 ) -> Path:
     """Write the three-plane preview PNG (module docstring) atomically; returns ``path``.
 
@@ -331,17 +359,14 @@ def write_preview(
         labels: the label map on the scan's grid (same array order as the image).
         label_names: ``{name: value}``; colours and legend from :func:`medseg.export.codes.lookup`.
         path: the PNG to write.
-        window: display window in HU (default abdomen W400/L40).
         title: first line of the caption (default: the image's file name, if any).
-        centre: RAS-ordered voxel the planes pass through (default: centroid of the labelled voxels).
-        height_in, dpi: panel height in inches and resolution (4 in × 100 dpi → 400-pixel panels).
+        display: window, centre, panel height and resolution (:class:`PreviewDisplay`).
     """
     if title is None:
         title = Path(image.get_filename()).name if image.get_filename() else ""
-    fig, _ = preview_figure(image, labels, label_names, window=window, title=title, centre=centre,
-                            height_in=height_in, dpi=dpi)  # fmt: skip
+    fig, _ = preview_figure(image, labels, label_names, title=title, display=display)
     path = Path(path)
-    save_png(fig, path, dpi)
+    save_png(fig, path, display.dpi)
     pyplot().close(fig)
     return path
 
@@ -380,28 +405,22 @@ def write_attention_overlay(
     *,
     labels: np.ndarray | None = None,
     label_names: Mapping[str, int] | None = None,
-    window: Sequence[float] = ABDOMEN_WINDOW,
     title: str = "",
-    cmap: str = "inferno",
-    opacity: float = 0.7,
-    heat_label: str = "attention coefficient α",
-    centre: Sequence[int] | None = None,
-    height_in: float = 4.0,
-    dpi: int = 100,
+    heat: HeatMap = HeatMap(),
+    display: PreviewDisplay = PreviewDisplay(),
 ) -> Path:
     """Write a heat map (values in [0, 1], e.g. an ``alpha_level<l>`` map) over the CT, three planes.
 
     Same planes and conventions as :func:`write_preview` (and the same centre when ``labels`` are given, so
     the two pictures correspond; else the centroid of the map's upper half). The heat map's opacity grows with
-    its value (``opacity · α``): where the gate suppresses (α ≈ 0) the CT shows through. With ``labels``
-    the structures are outlined too.
+    its value (``heat.opacity · α``, :class:`HeatMap`): where the gate suppresses (α ≈ 0) the CT shows
+    through. With ``labels`` the structures are outlined too; ``display`` as for :func:`write_preview`.
     """
-    panels = preview_panels(image, labels, overlay=alpha, centre=centre)
+    panels = preview_panels(image, labels, overlay=alpha, centre=display.centre)
     colours = _colours(label_names or {})
     notes = _notes(image, None, None)
-    heat = {"cmap": cmap, "opacity": float(opacity), "label": heat_label}
-    fig, _ = _figure(panels, window, colours, title, notes, heat, height_in, dpi)
+    fig, _ = _figure(panels, colours, title, notes, heat, display)
     path = Path(path)
-    save_png(fig, path, dpi)
+    save_png(fig, path, display.dpi)
     pyplot().close(fig)
     return path

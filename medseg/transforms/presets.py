@@ -1,4 +1,5 @@
-"""MONAI ``Compose`` presets for training, validation and inference, built from a preprocessing plan.
+"""MONAI ``Compose`` presets for training, validation and inference, built from a preprocessing plan
+(a :class:`medseg.io.plan.Plan`).
 
 Deterministic part (shared by all three, cached by ``CacheDataset``)::
 
@@ -24,6 +25,7 @@ import math
 import numpy as np
 from monai import transforms as mt
 
+from medseg.io.plan import Intensity, Plan
 from medseg.transforms.reader import LoadVolumed
 
 #: Body voxels for the foreground crop: denser than lung and air (HU > -500).
@@ -35,16 +37,16 @@ def body_mask(x) -> np.ndarray:
     return x > BODY_HU_THRESHOLD
 
 
-def intensity_transforms(plan: dict, key: str = "image") -> list:
+def intensity_transforms(plan: Plan, key: str = "image") -> list:
     """CT intensity normalisation from the plan (see module docstring).
 
-    ``plan["intensity"]`` is one mapping (every channel alike: all single-channel plans) or a list of one
+    ``plan.intensity`` is one :class:`~medseg.io.plan.Intensity` (every channel alike: all single-channel plans) or a list of one
     mapping per channel (a multi-channel nnU-Net dataset, each channel with its own foreground statistics,
     as nnU-Net's per-channel ``CTNormalization``): the channels are split (``SplitDimd``), normalised each
     with its own parameters and concatenated again (``ConcatItemsd``).
     """
-    it = plan["intensity"]
-    if isinstance(it, dict):
+    it = plan.intensity
+    if isinstance(it, Intensity):
         return _intensity_steps(it, key)
     names = [f"{key}_channel{c}" for c in range(len(it))]
     steps: list = [mt.SplitDimd(key, output_postfixes=[n.removeprefix(f"{key}_") for n in names], dim=0)]
@@ -53,24 +55,19 @@ def intensity_transforms(plan: dict, key: str = "image") -> list:
     return [*steps, mt.ConcatItemsd(names, key, dim=0), mt.DeleteItemsd(names)]
 
 
-def _intensity_steps(it: dict, key: str) -> list:
-    if it["mode"] == "window":
-        return [
-            mt.ScaleIntensityRanged(
-                key, a_min=it["a_min"], a_max=it["a_max"], b_min=0.0, b_max=1.0, clip=True
-            )
-        ]
-    if it["mode"] == "zscore":
-        return [
-            mt.ScaleIntensityRanged(
-                key, a_min=it["a_min"], a_max=it["a_max"], b_min=it["a_min"], b_max=it["a_max"], clip=True
-            ),
-            mt.NormalizeIntensityd(key, subtrahend=it["mean"], divisor=max(it["std"], 1e-6)),
-        ]
-    raise ValueError(f"unknown intensity mode {it['mode']!r}; valid: window, zscore")
+def _intensity_steps(it: Intensity, key: str) -> list:
+    if it.mode == "window":
+        return [mt.ScaleIntensityRanged(key, a_min=it.a_min, a_max=it.a_max, b_min=0.0, b_max=1.0, clip=True)]
+    # zscore (the mode was checked when the plan was read)
+    return [
+        mt.ScaleIntensityRanged(
+            key, a_min=it.a_min, a_max=it.a_max, b_min=it.a_min, b_max=it.a_max, clip=True
+        ),
+        mt.NormalizeIntensityd(key, subtrahend=it.mean, divisor=max(it.std, 1e-6)),
+    ]
 
 
-def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) -> list:
+def deterministic_transforms(plan: Plan, with_label: bool, load: bool = True) -> list:
     """Load → orient → resample → crop to body → normalise; the cacheable prefix of every preset.
 
     With ``load=False`` the chain starts at orientation and expects channel-first MetaTensors (the
@@ -80,10 +77,10 @@ def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) ->
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
     steps = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys)] if load else []
     steps += [
-        mt.Orientationd(keys, axcodes=plan["orientation"], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(keys, pixdim=plan["spacing"], mode=modes),
+        mt.Orientationd(keys, axcodes=plan.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys, pixdim=list(plan.spacing), mode=modes),
     ]
-    if plan.get("crop_foreground", True):
+    if plan.crop_foreground:
         steps.append(
             mt.CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=2, allow_smaller=True)
         )
@@ -94,11 +91,11 @@ def deterministic_transforms(plan: dict, with_label: bool, load: bool = True) ->
     return steps
 
 
-def train_transforms(plan: dict, augment) -> mt.Compose:
+def train_transforms(plan: Plan, augment) -> mt.Compose:
     """Training preset: deterministic prefix + patch sampling and augmentation (``augment``: a
     :class:`medseg.config.AugmentConfig`)."""
     keys = ["image", "label"]
-    patch = [int(p) for p in plan["patch_size"]]
+    patch = list(plan.patch_size)
     pos, neg = augment.pos_neg
     rot = math.radians(augment.rotate_deg)
     scale = augment.scale
@@ -139,11 +136,11 @@ def train_transforms(plan: dict, augment) -> mt.Compose:
     return mt.Compose(steps)
 
 
-def val_transforms(plan: dict) -> mt.Compose:
+def val_transforms(plan: Plan) -> mt.Compose:
     """Validation preset: deterministic prefix with the label (whole volumes)."""
     return mt.Compose(deterministic_transforms(plan, with_label=True))
 
 
-def infer_transforms(plan: dict, load: bool = True) -> mt.Compose:
+def infer_transforms(plan: Plan, load: bool = True) -> mt.Compose:
     """Inference preset: deterministic prefix, image only; the MetaTensor keeps the model-space affine."""
     return mt.Compose(deterministic_transforms(plan, with_label=False, load=load))

@@ -29,12 +29,19 @@ class Result:
         return [line for line in self.output.splitlines() if line.startswith("error:")]
 
 
-def run_cli(*args: object, cwd: Path | None = None, timeout: float = 300) -> Result:
-    """``medseg ARGS...`` in a new process (one thread, no colour), returning exit code and output."""
+def run_cli(
+    *args: object, cwd: Path | None = None, timeout: float = 300, launcher: tuple[object, ...] = ()
+) -> Result:
+    """``medseg ARGS...`` in a new process (one thread, no colour), returning exit code and output.
+
+    ``launcher``: what runs ``-m pipelines.cli ARGS`` instead of the plain interpreter, e.g.
+    ``(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")`` or a wrapper script
+    ``(sys.executable, "-c", CODE, extra)`` that measures the child.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        [*map(str, launcher or (sys.executable,)), "-m", "pipelines.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd or REPO,

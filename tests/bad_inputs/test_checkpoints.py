@@ -179,10 +179,13 @@ def test_checkpoint_written_without_crc_still_loads(bad_checkpoints, tmp_path):
         (lambda c: {k: v for k, v in c.items() if k != "model"}, "misses ['model']"),
         (lambda c: {**c, "model": {"w": [1.0]}}, "key 'model' is not a mapping of names to tensors"),
         (lambda c: {**c, "labels": ["liver"]}, "key 'labels' is not a mapping"),
-        (lambda c: {**c, "plan": {**c["plan"], "spacing": [1.0, 0.0, 1.0]}}, "invalid spacing"),
+        (
+            lambda c: {**c, "plan": {**c["plan"], "spacing": [1.0, 0.0, 1.0]}},
+            "checkpoint plan: spacing: expected three numbers > 0 (mm), found [1.0, 0.0, 1.0]",
+        ),
         (
             lambda c: {**c, "plan": {k: v for k, v in c["plan"].items() if k != "intensity"}},
-            "misses ['intensity']",
+            "checkpoint plan: missing intensity",
         ),
     ],
 )

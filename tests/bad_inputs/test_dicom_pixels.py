@@ -10,9 +10,7 @@ BitsStored-12 unsigned and signed, MONOCHROME1 signed and JPEG-LS); a size decla
 
 from __future__ import annotations
 
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -32,7 +30,7 @@ from medseg.io import dicom_pixels
 from medseg.io.dicom import find_series, read_series
 from medseg.io.dicom_pixels import PixelExtent, check_pixel_module, check_series
 from medseg.testing.dicom_series import write_ct_series
-from tests.bad_inputs.cli import REPO, Result, assert_no_temp_files, assert_one_error, run_cli
+from tests.bad_inputs.cli import Result, assert_no_temp_files, assert_one_error, run_cli
 
 SHAPE = (24, 24, 12)
 SLICE_BYTES = 24 * 24 * 2
@@ -414,7 +412,7 @@ _MEASURED = """
 import resource, subprocess, sys
 def guard():
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-code = subprocess.call([sys.executable, "-m", "pipelines.cli", *sys.argv[2:]], preexec_fn=guard)
+code = subprocess.call([sys.executable, *sys.argv[2:]], preexec_fn=guard)  # -m pipelines.cli ARGS
 with open(sys.argv[1], "w") as fh:
     fh.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
 sys.exit(code)
@@ -423,18 +421,8 @@ sys.exit(code)
 
 def _run_cli_measured(rss_file: Path, *args: object) -> tuple[Result, int]:
     """:func:`run_cli` with the child's peak resident memory in bytes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, "-c", _MEASURED, str(rss_file), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr), int(rss_file.read_text()) * 1024
+    result = run_cli(*args, launcher=(sys.executable, "-c", _MEASURED, rss_file))
+    return result, int(rss_file.read_text()) * 1024
 
 
 @pytest.mark.skipif(not hasattr(resource, "RLIMIT_AS"), reason="needs RLIMIT_AS")

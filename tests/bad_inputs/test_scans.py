@@ -221,7 +221,7 @@ def test_predictor_warns_when_the_crop_leaves_nothing(tiny_run, tmp_path):
     from medseg.inference import Predictor
 
     predictor = Predictor(tiny_run / "best.pt", device="cpu")
-    assert min(predictor.plan["spacing"]) > 3 * 1.5  # the model grid is coarse: a lone voxel is lost
+    assert min(predictor.plan.spacing) > 3 * 1.5  # the model grid is coarse: a lone voxel is lost
     data = np.full(SHAPE, -1000, np.int16)
     data[20, 20, 10] = 0
     pred = predictor.predict(_save(tmp_path / "speck.nii.gz", data))

@@ -11,8 +11,6 @@ process), so a resumed run or another fold does not read them again; a changed f
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -102,28 +100,12 @@ def test_torchrun_ranks_all_stop_on_a_refused_dataset(bad_labels, tmp_path):
     (no rank left waiting), and nothing is written."""
     root, undeclared, fractional = bad_labels
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [
-            *launcher,
-            "-m",
-            "pipelines.cli",
-            "train",
-            str(CONFIG),
-            *_sets(root, run),
-            "--set",
-            "train.device=cpu",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = run_cli(
+        "train", CONFIG, *_sets(root, run), "--set", "train.device=cpu", launcher=launcher, timeout=240
     )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output
+    output = result.output
+    assert result.code != 0, output
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 2 and str(undeclared) in lines[0] and str(fractional) in lines[1], output
     assert output.count("training not started: 2 problem(s)") == 1, output  # rank 0 alone speaks

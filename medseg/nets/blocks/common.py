@@ -62,7 +62,7 @@ class ConvNormAct(nn.Sequential):
 
 
 class DoubleConv(nn.Sequential):
-    """Two 3×3×3 conv–norm–ReLU layers (one U-Net level)."""
+    """Two 3×3×3 conv–norm–ReLU layers: one level of the 3D U-Net (Çiçek et al. 2016)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "instance") -> None:
         super().__init__(

@@ -27,11 +27,10 @@ softmax keeps a second copy). :class:`PositionAttention3D` therefore processes t
 rows — each softmax row only needs its own row of energies, so the result equals the plain formula up to
 float rounding — with a custom autograd function that reuses one workspace per chunk in forward and two
 in backward, recomputing probabilities from the saved per-row log-sum-exp (the memory-efficient attention
-trick). Measured on a 1×64×24³ input (2 CPU threads, peak RSS growth, automatic chunks of 606 rows):
-≈ 55 MB in inference (0.6 s) and ≈ 110 MB for forward+backward (1.4 s), versus ≈ 1.5 GB / 3 GB for the
-plain formula. We did not use ``torch.nn.functional.scaled_dot_product_attention``: with the PAM's
-different query/key (C/8) and value (C) widths the CPU dispatcher falls back to the math kernel, which
-materialises the full N×N map (measured +2.2 GB).
+trick). Extra memory is ``O(B · chunk · N)`` in inference and in training instead of ``O(B · N²)``; the
+automatic chunk keeps one energy block within :data:`PAM_CHUNK_BYTES`. Measured memory and time, and why
+``torch.nn.functional.scaled_dot_product_attention`` is not used: ``docs/speed.md`` and ``docs/design.md``
+(section ``medseg.nets.blocks.danet``).
 
 Head. :class:`DualAttention3D` (U-Net bottleneck) and :class:`DualAttentionHead3D` (the paper's
 segmentation head) share one trunk. Deviation: the authors' head puts ``Dropout2d(0.1)`` before its three
@@ -190,7 +189,7 @@ class PositionAttention3D(nn.Module):
 
 
 class ChannelAttention3D(nn.Module):
-    """Channel attention module (CAM) of DANet for ``(B, C, D, H, W)`` tensors.
+    """Channel attention module (CAM) of DANet for ``(B, C, D, H, W)`` tensors (Fu et al. 2019, Eq. 3–4).
 
     Computes the C×C channel affinity ``X·Xᵀ`` over all voxels, turns ``max − energy`` into attention
     with a row softmax (as the authors' code), mixes channels with it and adds the input scaled by
@@ -252,7 +251,7 @@ class _DualAttentionBase(nn.Module):
 
 
 class DualAttention3D(_DualAttentionBase):
-    """DANet head as a U-Net bottleneck: features in, features out, plus auxiliary branch logits.
+    """DANet head (Fu et al. 2019) as a U-Net bottleneck: features in, features out, plus auxiliary logits.
 
     ``inter = max(in_channels // 4, 1)``; branch P is ``3³ ConvNormAct → PAM → 3³ ConvNormAct``, branch C
     the same with CAM; their sum goes through a 1×1×1 ``ConvNormAct`` (conv, norm, ReLU) to
@@ -288,7 +287,7 @@ class DualAttention3D(_DualAttentionBase):
 
 
 class DualAttentionHead3D(_DualAttentionBase):
-    """The original DANet segmentation head: returns class logits (the paper's fused output).
+    """The original DANet segmentation head (Fu et al. 2019): returns class logits (the paper's fused output).
 
     Same trunk as :class:`DualAttention3D`; the summed branches go through a plain 1×1×1 conv (with bias)
     to ``num_classes`` (``conv8`` in the authors' code). Returns ``(logits, aux)`` with the two auxiliary

@@ -58,7 +58,9 @@ def em_bases(x: torch.Tensor, mu: torch.Tensor, iterations: int) -> torch.Tensor
 
 
 class EMAUnit3D(nn.Module):
-    """EMA unit for ``(B, C, D, H, W)`` tensors: low-rank reconstruction from K EM bases + residual.
+    """EMA unit (Li et al. 2019, Sec. 3.2–3.3): low-rank reconstruction from K EM bases + residual.
+
+    Takes and returns ``(B, C, D, H, W)`` tensors.
 
     Args:
         channels: input/output channels ``C``.

@@ -42,7 +42,7 @@ from medseg.nets.blocks.common import ConvNormAct
 
 
 class EncodingLayer3D(nn.Module):
-    """Residual encoding of a 3D feature map against K learned codewords (EncNet, CVPR 2018).
+    """Residual encoding of a 3D feature map against K learned codewords (Zhang et al. 2018, Sec. 2.1).
 
     Args:
         channels: descriptor dimension C (input channels).
@@ -96,7 +96,7 @@ class EncodingLayer3D(nn.Module):
 
 
 class ContextEncoding3D(nn.Module):
-    """Context Encoding Module with an SE-loss presence head (EncNet, CVPR 2018).
+    """Context Encoding Module with an SE-loss presence head (Zhang et al. 2018, Sec. 2.2).
 
     Args:
         channels: input (and output) channels.

@@ -25,7 +25,7 @@ from medseg.nets.blocks.common import get_norm
 
 
 class GridAttentionGate3D(nn.Module):
-    """Additive grid attention gate for a skip connection.
+    """Additive grid attention gate for a skip connection (Oktay et al. 2018, Eq. 1–2).
 
     Args:
         in_channels: channels of the skip feature ``x``.

@@ -70,7 +70,7 @@ class _AdaptiveDown(nn.Module):
 
 
 class FeaturePyramidAttention3D(nn.Module):
-    """Feature Pyramid Attention (PAN, BMVC 2018) for a 3D bottleneck; output has ``channels`` channels.
+    """Feature Pyramid Attention (Li et al. 2018, Fig. 2) for a 3D bottleneck; ``channels`` in and out.
 
     Args:
         channels: input and output channels.
@@ -120,7 +120,7 @@ class FeaturePyramidAttention3D(nn.Module):
 
 
 class GlobalAttentionUpsample3D(nn.Module):
-    """Global Attention Upsample (PAN, BMVC 2018): high-level context weights low-level channels.
+    """Global Attention Upsample (Li et al. 2018, Fig. 3): high-level context weights low-level channels.
 
     Args:
         high_channels: channels of the coarse high-level map ``high``.

@@ -299,7 +299,9 @@ class _PSABranch(nn.Module):
 
 
 class PointwiseSpatialAttention3D(nn.Module):
-    """Bi-directional point-wise spatial attention (collect + distribute) for ``(B, C, D, H, W)``.
+    """Bi-directional point-wise spatial attention (Zhao et al. 2018) for ``(B, C, D, H, W)`` tensors.
+
+    Collect and distribute branches, fused with the input (see the module docstring).
 
     Args:
         channels: input/output channels.

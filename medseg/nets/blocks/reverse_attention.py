@@ -66,7 +66,7 @@ def _branch(in_channels: int, num_classes: int, norm: str) -> nn.Sequential:
 
 
 class ReverseAttentionHead3D(nn.Module):
-    """Segmentation head with original, reverse and reverse-attention branches (RAN, BMVC 2017).
+    """Segmentation head with original, reverse and reverse-attention branches (Huang et al. 2017).
 
     Args:
         in_channels: channels of the incoming decoder feature map.

@@ -46,7 +46,7 @@ def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
 
 
 class ScaleAttention3D(nn.Module):
-    """Multi-scale inference with a shared backbone and learned per-voxel scale weights (CVPR 2016).
+    """Multi-scale inference with a shared backbone and learned per-voxel scale weights (Chen et al. 2016).
 
     Args:
         backbone: network with ``forward_features(x) -> (logits, features)`` (see module notes).

@@ -19,13 +19,14 @@ from medseg.data.phantoms import generate_phantom
 from medseg.engine.step import training_precision
 from medseg.engine.validation import ValidationCases, decide_postprocessing, validation_predictor
 from medseg.inference import Predictor
-from medseg.inference.loading import model_from_checkpoint
+from medseg.inference.loading import checkpoint_plan, model_from_checkpoint
 from medseg.io import InputError, save_volume
 from medseg.io.checkpoint import load_checkpoint
+from medseg.io.plan import Plan
 from medseg.metrics import dice_per_label
 from tests.bad_inputs.cli import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
@@ -122,7 +123,7 @@ def test_a_network_in_memory_predicts_as_its_checkpoint(segmenting_run, lps_scan
 
 def test_validation_keeps_each_case_once_read(segmenting_run, tiny_dataset):
     ckpt = load_checkpoint(segmenting_run / "best.pt")
-    cfg, plan = checkpoint_config(ckpt), ckpt["plan"]
+    cfg, plan = checkpoint_config(ckpt), checkpoint_plan(ckpt)
     cases = [{"image": str(tiny_dataset / "imagesTr" / "phantom_002.nii.gz"), "case": "phantom_002",
               "label": str(tiny_dataset / "labelsTr" / "phantom_002.nii.gz")}]  # fmt: skip
     predictor = validation_predictor(model_from_checkpoint(ckpt, CPU), cfg, plan, CPU)
@@ -197,6 +198,6 @@ def test_training_inference_and_validation_resolve_precision_alike(monkeypatch, 
     assert Predictor.from_network(conv, plan, plan["labels"], device="cpu").precision == expected
     from medseg.config import load_config
 
-    assert validation_predictor(conv, load_config(None, []), plan, CPU).precision == expected
+    assert validation_predictor(conv, load_config(None, []), Plan.from_dict(plan), CPU).precision == expected
     fp32 = replace(medseg.device.resolve_precision("fp32", CPU))
     assert fp32.dtype is None and not fp32.scaled

@@ -137,7 +137,7 @@ def test_train_refuses_a_broken_nnunet_dataset_before_writing(broken, tmp_path):
     run = tmp_path / "run"
     sets = [a for s in [*TINY_TRAIN, f"data.root={root}", f"train.output={run}"] for a in ("--set", s)]
     result = runner.invoke(
-        app, ["train", str(Path(__file__).parents[1] / "configs" / "phantoms.yaml"), *sets]
+        app, ["train", str(Path(__file__).parents[2] / "configs" / "phantoms.yaml"), *sets]
     )
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -176,7 +176,7 @@ def test_nnunet_one_channel_trains_and_segments(layouts, tmp_path):
     ]
     sets = [a for s in overrides for a in ("--set", s)]
     result = runner.invoke(
-        app, ["train", str(Path(__file__).parents[1] / "configs" / "phantoms.yaml"), *sets]
+        app, ["train", str(Path(__file__).parents[2] / "configs" / "phantoms.yaml"), *sets]
     )
     assert result.exit_code == 0, result.output
     plan = load_checkpoint(run / "best.pt")["plan"]

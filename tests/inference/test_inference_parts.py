@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from medseg.batch.lanes import run_lanes
 from medseg.inference.ensemble import check_ensemble, check_single_channel, ensemble_mismatch
 from medseg.inference.slabs import slab_ranges, slabs, source_window, translation
 from medseg.io import InputError
+from medseg.io.plan import Plan
 from medseg.transforms.resample import resample_to_reference
 
 # ------------------------------------------------------------------------------------------------ slabs
@@ -80,8 +82,9 @@ def test_slab_by_slab_resampling_equals_the_whole_volume():
 
 
 def _ckpt(**plan):
-    base = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "intensity": {"mode": "window"}}
-    return {"labels": {"background": 0, "liver": 1}, "plan": {**base, **plan}}
+    window = {"mode": "window", "a_min": -200.0, "a_max": 300.0}
+    base = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "intensity": window, "patch_size": [16, 16, 8]}
+    return {"labels": {"background": 0, "liver": 1}, "plan": Plan.from_dict({**base, **plan})}
 
 
 def test_ensemble_members_must_share_labels_and_plan_entries():
@@ -97,8 +100,9 @@ def test_ensemble_members_must_share_labels_and_plan_entries():
 
 
 def test_multi_channel_models_are_refused_naming_input_checkpoint_and_channels():
-    check_single_channel({"in_channels": 1}, "m.pt", "ct.nii.gz")
-    plan = {"in_channels": 2, "channel_names": ["CT", "native"]}
+    one = _ckpt()["plan"]
+    check_single_channel(one, "m.pt", "ct.nii.gz")
+    plan = replace(one, in_channels=2, channel_names=("CT", "native"))
     with pytest.raises(
         InputError, match=r"^ct\.nii\.gz: m\.pt was trained on 2 input channels \(CT, native\)"
     ):

@@ -19,7 +19,7 @@ from medseg.metrics import evaluate_pair
 from medseg.nets.registry import NETWORKS, RegistryError, look_up
 from tests.bad_inputs.cli import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: A small network and patch: the forward of every registered network takes a fraction of a second.
 SMALL = {"filters": [4, 8, 16]}
 

@@ -12,7 +12,7 @@ from medseg.config import load_config
 from medseg.engine import train
 from medseg.inference import Predictor
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 QUICK = [
     "model.filters=[4, 8, 16, 32]",
     "augment.patch_size=[32, 32, 32]",

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.metrics import compute_surface_distances, nearest, surface
-from tests.test_metrics_reference import _assert_same, _blob
+from tests.metrics.test_metrics_reference import _assert_same, _blob
 
 METHODS = ("search", "edt", "auto")
 pytestmark = pytest.mark.filterwarnings(

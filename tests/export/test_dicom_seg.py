@@ -17,6 +17,7 @@ import pytest
 from medseg.data.phantoms import LABELS, generate_phantom
 from medseg.export.codes import ORGANS, algorithm_identification, lookup, normalise_name, rgb_to_dicom_cielab
 from medseg.export.dicom_seg import (
+    SegOptions,
     SegRoundTripError,
     build_segmentation,
     check_seg_round_trip,
@@ -125,10 +126,8 @@ def test_axis_mapping_matches_read_series(case):
 def test_seg_round_trips_through_pydicom(case, tmp_path, seg_type):
     folder, written, labels, affine, volume = case
     np.testing.assert_allclose(volume.image.affine, affine, atol=1e-4)  # the phantom grid is the read grid
-    report = write_dicom_seg(
-        labels, volume, LABELS, tmp_path / "seg.dcm", segmentation_type=seg_type,
-        checkpoint_name="best.pt", checkpoint_sha256=SHA,
-    )  # fmt: skip
+    options = SegOptions(segmentation_type=seg_type, checkpoint_name="best.pt", checkpoint_sha256=SHA)
+    report = write_dicom_seg(labels, volume, LABELS, tmp_path / "seg.dcm", options=options)
     assert report.path == tmp_path / "seg.dcm" and report.omitted == () and report.round_trip
     assert report.segments == {n: v for n, v in LABELS.items() if v}
     masks = _read_back(report.path, folder, affine, SHAPE[2])
@@ -258,9 +257,8 @@ def test_slightly_irregular_slices_still_round_trip(tmp_path):
     step = float(np.linalg.norm(ph.affine[:3, 2]))
     write_ct_series(ph.image, ph.affine, tmp_path / "s", slice_offsets_mm={5: 0.009 * step, 9: -0.009 * step})
     (info,) = find_series(tmp_path / "s")
-    report = write_dicom_seg(
-        ph.label, read_series(info), LABELS, tmp_path / "seg.dcm", segmentation_type="LABELMAP"
-    )
+    labelmap = SegOptions(segmentation_type="LABELMAP")
+    report = write_dicom_seg(ph.label, read_series(info), LABELS, tmp_path / "seg.dcm", options=labelmap)
     assert report.round_trip.segments == 6
 
 

@@ -13,6 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from medseg.evaluation import EvaluationSettings
 from medseg.evaluation import evaluate_folder as run_evaluation
 from medseg.evaluation import label_index_names as load_label_names
 from medseg.report import CSV_COLUMNS
@@ -87,7 +88,7 @@ def test_unmatched_cases_are_reported(folders, tmp_path):
     pred, ref = folders
     _save(ref / "case3.nii.gz", _labels())  # reference without prediction
     _save(pred / "extra.nii.gz", _labels())  # prediction without reference
-    summary = run_evaluation(pred, ref, tmp_path / "m.csv", labels=[1])
+    summary = run_evaluation(pred, ref, tmp_path / "m.csv", EvaluationSettings(labels=[1]))
     assert summary["missing_predictions"] == [str(ref / "case3.nii.gz")]
     assert summary["missing_references"] == [str(pred / "extra.nii.gz")]
     assert not summary["ok"] and summary["n_evaluated"] == 2
@@ -128,7 +129,7 @@ def test_resample_pred_and_single_files(tmp_path):
     pred = _save(tmp_path / "p" / "other_name.nii.gz", fine, affine)
     s = run_evaluation(pred, ref, tmp_path / "x.csv")
     assert not s["ok"] and "geometry mismatch" in s["failed"][0]["error"]
-    s = run_evaluation(pred, ref, tmp_path / "x.csv", resample_pred=True)
+    s = run_evaluation(pred, ref, tmp_path / "x.csv", EvaluationSettings(resample_pred=True))
     assert s["ok"]
     rows = _read_csv(tmp_path / "x.csv")
     assert rows[0]["case"] == "a" and float(rows[0]["dice"]) == 1.0

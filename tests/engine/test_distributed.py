@@ -20,7 +20,7 @@ from medseg.config import ConfigError
 from medseg.engine.distributed import _process_device, state_digest
 from medseg.io.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Batch norm and the EMA bottleneck: the two kinds of running state each process updates on its own batch.
 DDP_TRAIN = [
@@ -112,6 +112,7 @@ def test_two_gloo_processes_train_identical_replicas_resume_and_segment(tmp_path
     from medseg.config import checkpoint_config
     from medseg.data.datasets import training_cases
     from medseg.engine.validation import ValidationCases, validation_predictions
+    from medseg.inference.loading import checkpoint_plan
     from medseg.inference.predictor import Predictor, model_from_checkpoint
 
     scores = json.loads((run / "validation.json").read_text())
@@ -123,7 +124,7 @@ def test_two_gloo_processes_train_identical_replicas_resume_and_segment(tmp_path
     volumes = ValidationCases([cases[name] for name in scores["cases"]])
     for name, (pred, ref, _) in zip(
         scores["cases"],
-        validation_predictions(model, volumes, cfg, best["plan"], torch.device("cpu")),
+        validation_predictions(model, volumes, cfg, checkpoint_plan(best), torch.device("cpu")),
         strict=True,
     ):
         for row in (r for r in scores["rows"] if r["case"] == name):

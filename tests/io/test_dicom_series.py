@@ -19,9 +19,9 @@ from pydicom.data import get_testdata_file
 from medseg.data.phantoms import generate_phantom
 from medseg.io.dicom import SeriesInfo, find_series, read_series, series_case_name
 from medseg.io.nifti import InputError
-from medseg.testing.dicom_series import write_ct_series
+from medseg.testing.dicom_series import SeriesEncoding, SeriesFaults, SeriesTags, write_ct_series
 
-REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
+REAL_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real_ct" / "ct_lps_1p5mm.nii.gz"
 PYDICOM_FILES = Path(get_testdata_file("CT_small.dcm", download=False)).parent
 
 
@@ -122,6 +122,38 @@ def test_written_files_carry_ct_tags(tmp_path, small):
     sheared[:3, 2] += affine[:3, 0]
     with pytest.raises(ValueError, match="sheared"):
         write_ct_series(volume, sheared, tmp_path / "no")
+
+
+def test_option_groups_and_keywords_write_the_same_files(tmp_path, small):
+    """The dataclass groups and the keyword shorthand are one thing; a keyword overrides its group's field;
+    a misspelt option or a bad value fails before anything is written."""
+    volume, affine = small
+    uids = {
+        f"{n}_uid": f"1.2.826.0.1.3680043.8.498.9{i}"
+        for i, n in enumerate(("study", "series", "frame_of_reference"))
+    }
+    grouped = write_ct_series(
+        volume, affine, tmp_path / "a",
+        tags=SeriesTags(patient_id="P9", series_number=2, **uids),
+        encoding=SeriesEncoding(signed=True),
+        faults=SeriesFaults(shuffle_names=True, drop_slices=(4,), descending=False),
+        descending=True,
+    )  # fmt: skip
+    keywords = write_ct_series(
+        volume, affine, tmp_path / "b", patient_id="P9", series_number=2, signed=True, shuffle_names=True,
+        drop_slices=(4,), descending=True, **uids,
+    )  # fmt: skip
+    assert grouped.files[4] is None and grouped.sop_instance_uids == keywords.sop_instance_uids
+    for a, b in zip(grouped.files, keywords.files, strict=True):
+        assert (a is None and b is None) or (a.name == b.name and a.read_bytes() == b.read_bytes())
+    assert int(pydicom.dcmread(grouped.files[0], stop_before_pixels=True).InstanceNumber) == 12  # descending
+    with pytest.raises(TypeError, match=r"unknown option.* shuffle_name;.* Did you mean 'shuffle_names'"):
+        write_ct_series(volume, affine, tmp_path / "c", shuffle_name=True)
+    with pytest.raises(ValueError, match="transfer_syntax must be one of"):
+        write_ct_series(volume, affine, tmp_path / "d", transfer_syntax="jpeg2000")
+    with pytest.raises(ValueError, match="localizer must be"):
+        SeriesFaults(localizer="scout")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:

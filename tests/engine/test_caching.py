@@ -140,16 +140,16 @@ def test_cache_folder_is_keyed_by_the_plan_and_files_by_the_sources(tiny_dataset
     folder = cache_folder(cfg, plan)
     assert folder.parent == tmp_path / "runs" / ".medseg_cache"  # next to the run folder
     # statistics and test-time mirroring are not read by the preprocessing: same folder
-    assert cache_folder(cfg, {**plan, "fingerprint": {}, "mirror_axes": [0, 1, 2]}) == folder
+    assert cache_folder(cfg, replace(plan, fingerprint={}, mirror_axes=(0, 1, 2))) == folder
     for changed in (
-        {"spacing": [s * 1.01 for s in plan["spacing"]]},
-        {"intensity": {**plan["intensity"], "a_max": 300.0}},
-        {"patch_size": [40, 40, 16]},  # the cached training prefix pads to the patch
+        {"spacing": tuple(s * 1.01 for s in plan.spacing)},
+        {"intensity": replace(plan.intensity, a_max=300.0)},
+        {"patch_size": (40, 40, 16)},  # the cached training prefix pads to the patch
         {"orientation": "LPS"},
         {"crop_foreground": False},
     ):
-        assert cache_folder(cfg, {**plan, **changed}).parent == folder.parent
-        assert cache_folder(cfg, {**plan, **changed}) != folder, changed
+        assert cache_folder(cfg, replace(plan, **changed)).parent == folder.parent
+        assert cache_folder(cfg, replace(plan, **changed)) != folder, changed
     other = _cfg(tiny_dataset, tmp_path / "run", "data.cache=disk", f"data.cache_dir={tmp_path / 'c'}")
     assert cache_folder(other, plan) == tmp_path / "c" / folder.name
 

@@ -60,7 +60,9 @@ def test_segment_preview_writes_previews_and_the_review_page(tiny_run, tiny_data
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not on PATH: the rendered page is checked in tests/test_review_browser.py")
+        pytest.skip(
+            "chromium is not on PATH: the rendered page is checked in tests/batch/test_review_browser.py"
+        )
     dom = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120, check=True,

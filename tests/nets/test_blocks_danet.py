@@ -19,7 +19,7 @@ from medseg.nets.blocks.danet import (
     position_attention_reference,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

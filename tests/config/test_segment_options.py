@@ -21,7 +21,7 @@ from medseg.config.segment import ExportOptions, OutputSpec, SegmentOptions
 from medseg.io.archive import ArchiveLimits
 from pipelines.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -177,7 +177,7 @@ def test_edited_plan_trains_and_a_bad_plan_is_refused(plans, tmp_path):
     edited = dict(plans["small"], patch_size=[32, 32, 32], batch_size=1)
     good = tmp_path / "plan.json"
     good.write_text(json.dumps(edited))
-    config = Path(__file__).resolve().parents[1] / "configs" / "phantoms.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "phantoms.yaml"
     sets = [
         *TINY_TRAIN,
         f"data.root={root}",

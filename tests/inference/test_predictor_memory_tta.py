@@ -22,6 +22,7 @@ from medseg.inference.preprocess import preprocess
 from medseg.inference.rules import clean_labels, component_rules
 from medseg.inference.sliding import (
     CPU_STITCHING_WARNING,
+    SlidingWindow,
     sliding_window_logits,
     softmax_,
     with_cpu_stitching,
@@ -35,17 +36,24 @@ from medseg.inference.tta import (
 )
 from medseg.io import InputError, save_volume
 from medseg.io.checkpoint import load_checkpoint, save_checkpoint
+from medseg.io.plan import Plan
 from medseg.transforms import infer_transforms
 from medseg.transforms.resample import resample_to_reference
 
 NAMES = {"background": 0, "liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
-PLAN = {
-    "orientation": "RAS",
-    "spacing": [2.1, 1.7, 3.3],
-    "intensity": {"mode": "window", "a_min": -1100.0, "a_max": 3000.0},  # wide: no clipping hides a change
-    "crop_foreground": True,
-    "patch_size": [32, 32, 16],
-}
+PLAN = Plan.from_dict(
+    {
+        "orientation": "RAS",
+        "spacing": [2.1, 1.7, 3.3],
+        "intensity": {
+            "mode": "window",
+            "a_min": -1100.0,
+            "a_max": 3000.0,
+        },  # wide: no clipping hides a change
+        "crop_foreground": True,
+        "patch_size": [32, 32, 16],
+    }
+)
 
 
 def _scan(kind: str) -> nib.Nifti1Image:
@@ -62,7 +70,7 @@ def _scan(kind: str) -> nib.Nifti1Image:
     return nib.Nifti1Image(ph.image.astype(np.int16), affine)
 
 
-def _eager(reference: nib.Nifti1Image, plan: dict) -> MetaTensor:
+def _eager(reference: nib.Nifti1Image, plan: Plan) -> MetaTensor:
     """The inference preset run the old way: whole volume, float32 copy of the scan."""
     data = torch.from_numpy(np.asarray(reference.dataobj, dtype=np.float32))[None]
     image = MetaTensor(data, affine=torch.as_tensor(reference.affine, dtype=torch.float64))
@@ -207,10 +215,16 @@ def test_out_of_memory_on_cuda_retries_with_cpu_stitching():
 def test_sliding_window_devices_and_autocast_on_cpu():
     conv = torch.nn.Conv3d(1, 3, 3, padding=1)
     image = torch.randn((1, 1, 20, 18, 9), generator=torch.Generator().manual_seed(5))
-    fp32 = sliding_window_logits(conv, image, (16, 16, 8), amp=False, sw_device="cpu", out_device="cpu")
-    bf16 = sliding_window_logits(conv, image, (16, 16, 8), autocast_dtype=torch.bfloat16)
+    window = SlidingWindow((16, 16, 8), overlap=0.25, sw_batch_size=3)
+    fp32 = sliding_window_logits(conv, image, window, sw_device="cpu", out_device="cpu")
+    bf16 = sliding_window_logits(conv, image, window, autocast_dtype=torch.bfloat16)
     assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == (1, 3, 20, 18, 9)
     assert torch.allclose(fp32, bf16, atol=0.1) and not torch.equal(fp32, bf16)  # bf16 really ran
+    # a bare roi_size is a window with the default overlap / batch / mode
+    default = sliding_window_logits(conv, image, [16, 16, 8])
+    assert torch.equal(default, sliding_window_logits(conv, image, SlidingWindow((16, 16, 8), 0.5, 2)))
+    with pytest.raises(TypeError):
+        sliding_window_logits(conv, image, window, 0.25)  # overlap is a field of the window
 
 
 # ---------------------------------------------------------------- the predictor on the tiny trained model
@@ -329,7 +343,7 @@ def test_postprocessing_auto_none_and_override(tiny_run, case, tmp_path):
     )
     assert np.array_equal(kept.labels, raw.labels)  # one component: the largest is all of it
     assert kept.info["postprocess"]["liver"]["removed_voxels"] == 0
-    with pytest.raises(ValueError, match="valid: auto, none"):
+    with pytest.raises(ValueError, match="valid values: auto, none"):
         Predictor(path, device="cpu", postprocess="largest")
 
 
@@ -353,7 +367,7 @@ def test_bf16_agrees_with_fp32(tiny_run, case):
             assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, v
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Predictor(tiny_run / "best.pt", device="cpu", precision="fp16")
-    with pytest.raises(ValueError, match="valid: auto, fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="valid values: auto, fp32, bf16, fp16"):
         Predictor(tiny_run / "best.pt", device="cpu", precision="fp8")
 
 

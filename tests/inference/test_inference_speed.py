@@ -24,15 +24,18 @@ from medseg.data.phantoms import generate_phantom
 from medseg.inference.fast import instance_norms_as_group_norms, prepare_network
 from medseg.inference.preprocess import _crop_box, body_box, oriented_view, preprocess
 from medseg.io import save_volume
+from medseg.io.plan import Plan
 from medseg.transforms import infer_transforms
 
-PLAN = {
-    "orientation": "RAS",
-    "spacing": [2.1, 1.7, 3.3],
-    "intensity": {"mode": "window", "a_min": -1100.0, "a_max": 3000.0},
-    "crop_foreground": True,
-    "patch_size": [32, 32, 16],
-}
+PLAN = Plan.from_dict(
+    {
+        "orientation": "RAS",
+        "spacing": [2.1, 1.7, 3.3],
+        "intensity": {"mode": "window", "a_min": -1100.0, "a_max": 3000.0},
+        "crop_foreground": True,
+        "patch_size": [32, 32, 16],
+    }
+)
 
 
 def _padded(orientation: str, pad: tuple[tuple[int, int], ...], seed: int = 5) -> nib.Nifti1Image:

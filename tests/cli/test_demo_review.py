@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.test_review_browser import CHROMIUM, _chromium, _Dom
+from tests.batch.test_review_browser import CHROMIUM, _chromium, _Dom
 
 
 def test_demo_ends_with_a_review_page_a_browser_renders(tmp_path):
