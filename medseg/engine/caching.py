@@ -1,13 +1,14 @@
-"""Training and validation datasets for ``data.cache``: ``memory``, ``disk`` or ``none`` (issue 11).
+"""Training and validation datasets for ``data.cache``: ``memory``, ``disk`` or ``none``.
 
 The deterministic preprocessing of :mod:`medseg.transforms.presets` (load → orient → resample → crop to the
 body → normalise → pad to the patch) is the expensive part of reading a case; the random part (patch
 sampling, augmentation) must run on every draw. The three modes differ only in where the deterministic
 result lives, so for one seed they give the same batches (tested):
 
-* ``memory`` — MONAI ``CacheDataset`` with ``data.cache_rate`` (the default, as before): every case is
-  preprocessed once before the first epoch and held in RAM. Fastest epochs; RAM grows with the dataset (and
-  DataLoader workers touch the parent's cached tensors, so forked workers' memory grows too).
+* ``memory`` (the default) — MONAI ``CacheDataset``: the fraction ``data.cache_rate`` of the cases (all, by
+  default) is preprocessed once before the first epoch and held in RAM; any others are preprocessed on every
+  draw. RAM grows with the dataset (and DataLoader workers touch the parent's cached tensors, so forked
+  workers' memory grows too; measured in ``docs/speed.md``, section "Disk cache vs RAM (training)").
 * ``disk`` — :class:`medseg.data.persistent.SafePersistentDataset` (MONAI ``PersistentDataset``): a case is
   preprocessed the first time it is drawn, written to one file in the cache folder, and read back on later
   draws. RAM holds only the cases of the current batches. See :mod:`medseg.data.persistent` for how files are

@@ -2,7 +2,7 @@
 
 The step is what :func:`medseg.engine.train` repeats and what ``python -m benchmarks.bench_train`` times:
 
-1. ``optimizer.zero_grad(set_to_none=True)`` (no zero fill of ~6 M gradient values);
+1. ``optimizer.zero_grad(set_to_none=True)`` (gradients are dropped, not filled with zeros);
 2. the network's forward pass under ``torch.autocast`` in the resolved dtype — bfloat16 on a CPU with native
    bf16 instructions and on CUDA (convolutions run in bf16 on oneDNN / cuDNN, weights stay float32);
 3. the loss in float32 (:class:`medseg.losses.SegmentationLoss` upcasts the logits: softmax, log and the
@@ -13,23 +13,19 @@ The step is what :func:`medseg.engine.train` repeats and what ``python -m benchm
 
 ``auto`` precision (the default) resolves as inference's does — one resolver,
 :func:`medseg.device.resolve_precision`: on CUDA bfloat16 when the GPU supports it, float16 with loss scaling
-otherwise (the AMP medseg always used on CUDA); on a CPU bfloat16 when it has native bf16 arithmetic
-(AVX-512-BF16 or AMX, :func:`medseg.device.cpu_has_native_bf16`), float32 otherwise.
+otherwise; on a CPU bfloat16 when it has native bf16 arithmetic (AVX-512-BF16 or AMX,
+:func:`medseg.device.cpu_has_native_bf16`), float32 otherwise.
 
-A bf16 check guards the CPU path. On this machine (AMD EPYC Zen 4, torch 2.13 / oneDNN) the bfloat16 weight
-gradient of a 3×3×3 convolution whose input is 2 voxels deep (first spatial axis) is wrong — relative error
-0.7 to inf against float32 for ≥ 12 input channels, varying from run to run (it reads memory it did not
-write); depths 1 and ≥ 3 and the other kernels agree to bf16 rounding (0.3 %). A U-Net hits this at the
-bottleneck for patches 32-47 voxels deep. :func:`training_precision` therefore runs, before training, every
-distinct convolution of the network whose input grid has a side of ≤ 4 voxels (found by one no-grad forward
-pass of a copy) once in bf16 and once in float32 on random data: if a weight gradient disagrees, ``auto``
-trains in float32 (and says why) and an explicit ``bf16`` is refused.
+A bf16 check guards the CPU path against a oneDNN defect: a wrong bfloat16 weight gradient for 3×3×3
+convolutions whose input is 2 voxels deep, which a U-Net meets at its bottleneck for patches 32-47 voxels deep
+(the measurements: ``docs/design.md``, section ``medseg.engine.step``). :func:`training_precision` runs, before
+training, every distinct convolution of the network whose input grid has a side of at most
+:data:`_CHECK_MAX_SIDE` voxels (found by one no-grad forward pass of a CPU copy) once in bf16 and once in
+float32 on random data: if a weight gradient's relative error exceeds :data:`_CHECK_TOLERANCE`, ``auto``
+trains in float32 (and says why) and an explicit ``bf16`` is refused with a :class:`~medseg.config.ConfigError`.
 
-Measured on the 2-core AVX-512-BF16 machine (``python -m benchmarks.bench_train``; see the README): the
-default Attention U-Net's step (batch 2, 96×96×64, deep supervision) is about 2× faster in bf16 than in
-float32. The demo trained both ways with three seeds (train.seed 0, 7, 11) gave held-out pancreas Dice
-0.607 / 0.812 / 0.834 in bf16 vs 0.695 / 0.815 / 0.829 in float32 (mean of the 6 labels 0.888 / 0.927 / 0.934
-vs 0.906 / 0.925 / 0.930): equal on two seeds, one seed lower in bf16 by less than the spread between seeds.
+The speed of the step in bf16 and float32 and the demo's Dice trained both ways are in ``docs/speed.md``
+(section ``medseg.engine.step``).
 """
 
 from __future__ import annotations
@@ -56,9 +52,9 @@ _CHECK_TOLERANCE = 0.05
 
 def _conv_configs(model: torch.nn.Module, in_channels: int, patch) -> dict[tuple, str]:
     """Distinct ``(module settings, input shape)`` of every ``Conv3d`` in one training-mode forward of a zero
-    ``(1, in_channels, *patch)`` input through a CPU copy of ``model`` (the model itself is left untouched; a
-    ``meta``-device pass would need no arithmetic but costs 3-10 s of one-off imports, more than this pass:
-    about 1 s for the default network at 96×96×64, 0.05 s for the test networks)."""
+    ``(1, in_channels, *patch)`` input through a float32 CPU copy of ``model`` (the model itself is left
+    untouched). Why a real pass and not a ``meta``-device one: ``docs/design.md``, section
+    ``medseg.engine.step``."""
     probe = copy.deepcopy(model).cpu().float().train()
     configs: dict[tuple, str] = {}
 

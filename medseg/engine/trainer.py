@@ -72,12 +72,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, total_iters: int):
-    """AdamW or SGD (Nesterov) with a per-iteration poly learning-rate schedule (nnU-Net's (1 - t/T)^0.9).
+    """``(optimizer, scheduler)``: AdamW or SGD with Nesterov momentum, and a poly learning-rate schedule.
 
-    ``optim.name`` was checked against :data:`medseg.config.schema.OPTIMIZERS` when the config was loaded.
-    AdamW uses PyTorch's fused kernel (CPU and CUDA; one pass over all parameters instead of ~10 tensor ops
-    per parameter: 7 vs 28 ms per step for the default network on one core, same updates to float32
-    rounding).
+    The schedule is nnU-Net's poly decay ``lr_t = optim.lr · (1 - t / T)^optim.poly_power`` (0.9 by default),
+    stepped once per iteration, with ``T = total_iters`` (at least 1). ``optim.weight_decay`` applies to both
+    optimizers, ``optim.momentum`` to SGD only. ``optim.name`` was checked against
+    :data:`medseg.config.schema.OPTIMIZERS` when the config was loaded. AdamW uses PyTorch's fused kernel
+    (``fused=True``, CPU and CUDA: one pass over all parameters, the same updates to float32 rounding; its
+    speed: ``docs/speed.md``, section ``medseg.engine.trainer``).
     """
     o = cfg.optim
     if o.name == "sgd":

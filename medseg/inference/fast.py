@@ -5,13 +5,14 @@ batch of float32 windows and returns float32 logits — what the network compute
 
 * **precision**: ``torch.autocast`` to ``dtype`` on the windows' device (bf16 on the CPU and CUDA, fp16 on
   CUDA), or float32 (``dtype=None``). Weights stay float32; autocast casts them once per window batch.
-* **output head** in float32 in a lower precision (:class:`Float32Head`), max pooling in that precision
-  (:class:`PoolInInputPrecision`);
-* **memory layout**: ``channels_last_3d`` (NDHWC) where it pays — :func:`default_channels_last` says where —
-  with instance norms as the equal group norms (:func:`instance_norms_as_group_norms`).
+* **in a lower precision**, a copy of the network whose output head runs in float32 (:class:`Float32Head`)
+  and whose max pools run in the windows' precision (:class:`PoolInInputPrecision`);
+* **memory layout**: ``channels_last_3d`` (NDHWC) where :func:`default_channels_last` chooses it, with instance
+  norms as the equal group norms (:func:`instance_norms_as_group_norms`).
 
-Measured levers (2-core AVX-512-bf16 CPU, the default Attention U-Net 16..256, 2 windows of 96×96×64, see the
-README's speed section for the numbers and commands): what is not listed as the default did not win.
+``dtype=None`` in the default layout runs the network itself in float32 (on CUDA without TF32): the exact
+reference path. The measurements behind these choices, and the levers tried and not kept, are in
+``docs/speed.md`` (section ``medseg.inference.fast``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 
 def default_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
     """Whether windows run channels-last (NDHWC) by default on ``device`` in ``dtype`` (module docstring):
-    bf16 on the CPU. float32 stays on the reference path (NCDHW, ``InstanceNorm3d``) so that ``fp32`` gives the
-    trained network's exact float32 numbers; CUDA is not measured here and keeps cuDNN's default layout."""
+    True for bf16 on the CPU only. float32 stays on the reference path (NCDHW, ``InstanceNorm3d``) so that
+    ``fp32`` gives the trained network's exact float32 numbers; CUDA keeps cuDNN's default layout."""
     return device.type == "cpu" and dtype == torch.bfloat16
 
 
@@ -37,10 +38,12 @@ def instance_norms_as_group_norms(model: nn.Module) -> nn.Module:
     positions, then applies the per-channel affine; ``GroupNorm(C, C)`` (Wu & He 2018, Eq. 1 with ``G = C``) is
     the same function — so the copy computes what the network computes, with the same weights. Only
     layers that normalise with the instance's own statistics are replaced (``track_running_stats=False``,
-    the default): with running statistics an eval-mode instance norm is a different function. Why: PyTorch's
-    CPU ``instance_norm`` makes a channels-last input contiguous and returns NCDHW (two copies per layer and
-    the next convolution reorders again), while ``group_norm`` has a channels-last kernel that keeps the
-    layout — measured 85 ms vs 30 ms per layer at 2×16×96×96×64 bf16 on one core.
+    the default): with running statistics an eval-mode instance norm is a different function. ``model``
+    itself is not changed.
+
+    Why: PyTorch's CPU ``instance_norm`` makes a channels-last input contiguous and returns NCDHW (two copies
+    per layer, and the next convolution reorders again), while ``group_norm`` has a channels-last kernel that
+    keeps the layout (timings: ``docs/speed.md``, section ``medseg.inference.fast``).
     """
     net = copy.deepcopy(model)
     for parent in list(net.modules()):
@@ -58,10 +61,10 @@ class PoolInInputPrecision(nn.Module):
     """A max pooling layer run with autocast off, so it pools the bf16/fp16 features in their own precision.
 
     CPU autocast lists ``max_pool3d`` among the float32 operations: it casts the features up, pools in float32
-    and hands float32 to the next convolution, which casts them down again — measured 25 ms of copies per
-    2×16×96×96×64 level on one core, and a float32 pooling kernel instead of the bf16 one. A maximum picks one
-    of its inputs, which are bf16 numbers either way, so the result is bit for bit what the float32 pool
-    gives (tested).
+    and hands float32 to the next convolution, which casts them down again, and it runs a float32 pooling
+    kernel instead of the bf16 one (the cost: ``docs/speed.md``, section ``medseg.inference.fast``). A maximum
+    picks one of its inputs, which are bf16 numbers either way, so the result is bit for bit what the float32
+    pool gives (tested).
     """
 
     def __init__(self, pool: nn.Module) -> None:
@@ -86,9 +89,9 @@ class Float32Head(nn.Module):
     """The network's output head run in float32 (autocast off), on features cast up from the lower precision.
 
     Under autocast the 1×1×1 head would compute the logits in bf16 and round them to bf16 (8 bits of
-    mantissa: ±0.03 at a logit of 10), which flips labels where two classes are close; in float32 it costs
-    0.2 % of the network's FLOPs and halves the voxels that differ from float32 on the demo's held-out
-    phantoms (``python -m benchmarks.bench_precision``).
+    mantissa: ±0.03 at a logit of 10), which flips labels where two classes are close. What the float32 head
+    costs and how many voxels it brings back to float32's labels (``python -m benchmarks.bench_precision``):
+    ``docs/speed.md``, section ``medseg.inference.fast``.
     """
 
     def __init__(self, head: nn.Module) -> None:

@@ -15,8 +15,8 @@ True
 
 Memory. Stages of :meth:`Predictor.predict` and what each adds at its peak, counted per voxel of the input grid
 (``N`` voxels, ``s`` bytes each as stored: 2 for int16) and of the model grid (``M`` voxels after the body crop;
-``M ≈ r N`` with ``r`` = input voxel volume / plan voxel volume, 0.284 for a 0.8×0.8×1.5 mm CT on a 1.5 mm
-plan), for ``K`` classes:
+about ``r N`` when the body fills the field of view, with ``r`` = input voxel volume / plan voxel volume), for
+``K`` classes:
 
 ===========  ==================================================================================================
 read         the scan as stored, ``s N`` — kept to the end (it is ``Prediction.reference``)
@@ -33,15 +33,12 @@ The network stage is the peak::
     peak ≈ c + s N + (4 K + 8) M            one pass
     peak ≈ c + s N + (8 K + 12) M           mirroring or an ensemble (any number of passes)
 
-i.e. ``s + r (4 K + 8)`` (or ``s + r (8 K + 12)``) bytes per input voxel plus ``c`` ≈ 1.35 GB: ≈ 0.5 GB for
-Python, torch, MONAI and the weights, ≈ 0.85 GB of activations of the default Attention U-Net (16..256) for two
-96×96×64 windows (measured on the CPU; activations scale with ``sw_batch_size`` and the patch). For an int16
-CT on a 1.5 mm plan that is ``4.3 + 1.14 K`` B per input voxel (``5.4 + 2.28 K`` with mirroring). A
-512×512×300 CT (``N`` = 78.6 M, ``M`` ≤ 22.4 M when the body fills the field of view) with ``K`` = 7 needs at
-most ≈ 2.3 GB (3.0 GB with mirroring); ``K`` ≤ 25 (12 with mirroring) stays under 4 GB at that size.
-``python -m benchmarks.bench_segment`` measures it. Before (whole-volume float64 restore of all ``K`` channels,
-whole-volume float64 ``Spacingd``, a second buffer for the softmax) the restore alone peaked at ≈ 7.4 GB on
-that CT.
+i.e. about ``s + r (4 K + 8)`` (or ``s + r (8 K + 12)``) bytes per input voxel at most, plus ``c``, which does
+not depend on the volume: Python, torch, MONAI and the weights, and the network's activations for
+``sw_batch_size`` windows (they scale with ``sw_batch_size`` and the patch).
+``python -m benchmarks.bench_segment`` measures the peak; the measured ``c``, a worked example for a
+clinical-size CT and the memory before this schedule are in ``docs/speed.md`` (section
+``medseg.inference.predictor``).
 """
 
 from __future__ import annotations
@@ -402,8 +399,8 @@ class Predictor:
         ``info["mean_entropy"]`` — what the review page's ``low_confidence`` rule reads. With
         ``uncertainty=True`` the map itself is restored to the input grid (``Prediction.uncertainty``).
         With ``probabilities=True`` the class probabilities are restored to the input grid too
-        (``Prediction.probabilities``, ``(K, *shape)`` float32, bilinear, 0 outside the body crop; ``4 K N``
-        bytes more).
+        (``Prediction.probabilities``, ``(K, *shape)`` float32, trilinear — MONAI's ``bilinear`` mode — and 0
+        outside the body crop; ``4 K N`` bytes more).
 
         Raises:
             InputError: unusable input (one line naming the file).

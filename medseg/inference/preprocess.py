@@ -1,31 +1,31 @@
 """The inference preset applied to one scan without whole-volume float64 temporaries.
 
 :func:`medseg.transforms.infer_transforms` is ``Orientationd → Spacingd → [CropForegroundd] → intensity →
-EnsureTyped``. Run eagerly on a 512×512×300 CT, ``Spacingd`` converts the whole oriented image to float64 and
-builds MONAI's sampling grid for the whole model grid in float64 (``affine_grid``: 32 B per output voxel for the
-base grid and 24 B for the grid) — about 3 GB at its peak, more than the network needs. :func:`preprocess`
-gives the same image with the same transforms, differently scheduled:
+EnsureTyped``. Run eagerly, ``Spacingd`` converts the whole oriented image to float64 and builds MONAI's
+sampling grid for the whole model grid in float64 (``affine_grid``), so its peak grows with the whole volume
+(measured: ``docs/speed.md``, section ``medseg.inference.preprocess``). :func:`preprocess` gives the same image
+with the same transforms, differently scheduled:
 
 1. the scan's voxels enter as they are stored when float32 holds them exactly (int8, uint8, int16, float32:
-   no float32 copy of the scan; other types are converted to float32, as before);
+   no float32 copy of the scan; other types are converted to float32, as the eager chain does);
 2. ``Orientationd`` and ``Spacingd`` run *lazily* (``lazy=True``) to obtain the grids they would produce (affine
    and shape, by their own rules) without moving a voxel; the oriented scan is then a numpy view of the scan
    (:func:`oriented_view`: transposes and flips, no copy);
 3. when the next step is the body crop (``CropForegroundd`` with :func:`medseg.transforms.presets.body_mask`),
    only the part of the model grid that can hold the crop's box is resampled (:func:`_crop_box`: the scan's
    body box mapped onto the model grid, widened by the interpolation's reach and the crop's margin): the body
-   is cropped *before* resampling, not after — for a 512×512×300 CT whose body fills a quarter of the field of
-   view that is a fifth of the voxels. ``Spacingd``'s own resampler (``spacing_transform.sp_resample``, with the
-   transform's mode, padding, align_corners and dtype) fills that grid one slab at a time from the matching
-   crop of the oriented scan (:mod:`medseg.inference.slabs`) into one float32 buffer;
+   is cropped *before* resampling, not after. ``Spacingd``'s own resampler (``spacing_transform.sp_resample``,
+   with the transform's mode, padding, align_corners and dtype) fills that grid one slab at a time from the
+   matching crop of the oriented scan (:mod:`medseg.inference.slabs`) into one float32 buffer;
 4. the rest of the chain (body crop, intensity, type) runs eagerly on the model-grid image; the crop finds the
    same box as on the whole grid, since no voxel outside the resampled part is above the threshold.
 
-Peak memory of this stage is one slab's boolean mask for the body box plus ``3 × 4 B`` per
-model-grid voxel (resampled, cropped, normalised) plus one slab's temporaries, instead of
-``~8 + 4 + 4`` B per input voxel plus ``~64`` B per model voxel. The values equal the eager chain's up to the
-last float32 bit (round-off in the per-slab index arithmetic); a chain that does not start with
-``Orientationd, Spacingd`` is run eagerly as a whole.
+Peak memory of this stage, besides the scan as stored (and its float32 copy when step 1 makes one: another
+stored type, or a read-only array), is one slab's boolean mask for the body box plus ``3 × 4 B`` per model-grid
+voxel (resampled, cropped, normalised) plus one slab's temporaries (what the eager chain needs instead:
+``docs/speed.md``, section ``medseg.inference.preprocess``). The values equal the eager chain's up to the last
+float32 bit (round-off in the per-slab index arithmetic); a chain that does not start with ``Orientationd,
+Spacingd`` is run eagerly as a whole.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _crop_box(
         return whole  # not an axis-aligned zoom: resample the whole grid
     box = body_box(oriented, BODY_HU_THRESHOLD)
     if box is None:
-        return whole  # no body: the crop is empty either way, as before
+        return whole  # no body: the crop is empty either way, as in the eager chain
     margins = np.broadcast_to(np.asarray(cropper.margin, dtype=int), (3,))
     out = []
     rows = zip(box, oriented.shape, dst_shape, scale, offset, margins, strict=True)

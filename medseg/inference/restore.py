@@ -1,11 +1,11 @@
 """Class probabilities on the model grid → a ``uint8`` label map on the input grid, one slab at a time.
 
 The label of an input voxel is the argmax over classes of the probabilities resampled (trilinear, zero padding)
-to that voxel. Resampling all ``K`` channels onto the whole input grid at once costs about ``(40 + 12 K)``
-bytes per *input* voxel in MONAI's float64 sampler (~80 B for ``K = 7``: 6.3 GB for a 512×512×300 CT); here
-the input grid is cut into slabs along its last axis (:mod:`medseg.inference.slabs`), each slab gets the
-probabilities cropped to the slab's footprint, and only its argmax (1 byte per voxel) is kept. Temporary
-memory is then bounded by the slab (:data:`medseg.inference.slabs.SLAB_VOXELS`), whatever the volume.
+to that voxel. The input grid is cut into slabs along its last axis (:mod:`medseg.inference.slabs`), each slab
+gets the probabilities cropped to the slab's footprint, and only its argmax (1 byte per voxel) is kept, so
+temporary memory is bounded by the slab (:data:`medseg.inference.slabs.SLAB_VOXELS`), whatever the volume —
+not a float64 sampling grid and ``K`` resampled channels the size of the whole input grid (what those would
+cost: ``docs/speed.md``, section ``medseg.inference.restore``).
 
 Two samplers give the same values:
 
@@ -19,16 +19,15 @@ Two samplers give the same values:
   :func:`medseg.transforms.resample.resample_to_reference`, the library's one general resampler (MONAI
   ``SpatialResample``).
 
-The argmax is ``torch.max``'s (:func:`_argmax`), about 5× faster than ``torch.argmax`` over the class axis.
-Both compute the same trilinear weights for the same voxel coordinates ``inv(src) @ dst @ index``, so the label
-maps agree voxel for voxel wherever the model grid reaches, up to ties at float round-off; in the one-voxel shell
-just beyond the model grid MONAI's float64 sampler leaves round-off (~1e-17) that its argmax turns into labels,
-where the separable sampler gives exact zeros, i.e. background (:data:`SNAP`; tested). Measured on the
-512×512×300 benchmark CT (``python -m benchmarks.bench_vs_monai``'s, 7 classes, model grid 124×130×168, two
-threads, under load): the whole restore 2.85 s, vs 4.09 s before (MONAI's sampler and ``torch.argmax``).
+Both samplers compute the same trilinear weights for the same voxel coordinates ``inv(src) @ dst @ index``, so
+the label maps agree voxel for voxel wherever the model grid reaches, up to ties at float round-off; in the
+one-voxel shell just beyond the model grid MONAI's float64 sampler leaves round-off that its argmax turns into
+labels, where the separable sampler gives exact zeros, i.e. background (:data:`SNAP`; tested). The argmax is
+``torch.max``'s (:func:`_argmax`): the same first maximum as ``torch.argmax``, faster over the class axis.
+Timings of the two samplers and the two argmaxes: ``docs/speed.md``, section ``medseg.inference.restore``.
 
 Voxels of the input that lie outside the model grid (cropped away as air by the body crop) get probability 0
-for every class under zero padding, hence label 0 (background), as before; so only the box of input voxels the
+for every class under zero padding, hence label 0 (background); so only the box of input voxels the
 model grid reaches (:func:`medseg.inference.slabs.source_window` with the roles of the grids swapped) is
 resampled, and the rest of the map is left 0.
 """
@@ -121,8 +120,8 @@ def separable_resample(
 
 def _argmax(values: torch.Tensor) -> np.ndarray:
     """Argmax over the first axis as ``uint8``: the first maximum, as ``torch.argmax``, by ``torch.max``'s
-    reduction (about 5× faster than ``torch.argmax``'s over a leading axis on the CPU), in the layout the values
-    are stored in."""
+    reduction over the leading axis (faster on the CPU than ``torch.argmax``'s: ``docs/speed.md``, section
+    ``medseg.inference.restore``), in the layout the values are stored in."""
     if not values.is_contiguous() and values.transpose(2, 3).is_contiguous():  # separable_resample's layout
         return _argmax(values.transpose(2, 3)).transpose(0, 2, 1)
     return torch.max(values, dim=0).indices.numpy().astype(np.uint8)

@@ -24,8 +24,10 @@ import numpy as np
 #: one more guards against round-off in the corner arithmetic.
 MARGIN = 2
 
-#: Destination voxels per slab (2 Mi): e.g. 8 slices of 512×512. Temporary memory per slab is about
-#: ``(40 + 12 K)`` bytes per slab voxel for ``K`` channels in MONAI's float64 resampler (grid + values).
+#: Default destination voxels per slab (2 Mi: e.g. 8 slices of 512×512; a slab has at least one slice).
+#: Temporary memory grows with it and per-slab call overhead shrinks; the values do not depend on it beyond
+#: float round-off. What a slab costs in MONAI's float64 resampler: ``docs/speed.md``, section
+#: ``medseg.inference.slabs``.
 SLAB_VOXELS = 2**21
 
 

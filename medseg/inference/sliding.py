@@ -112,8 +112,9 @@ def sliding_window_logits(
     return torch.as_tensor(out).float()
 
 
-#: GPU memory kept free for the network's activations, cuDNN workspaces and the window batch when deciding
-#: where to stitch (an Attention U-Net 16..256 needs ~0.85 GB for two 96×96×64 windows in float32).
+#: GPU memory (2 GiB) kept free for the network's activations, cuDNN workspaces and the window batch when
+#: :func:`stitching_device` decides where to stitch (the activations it covers: ``docs/speed.md``, section
+#: ``medseg.inference.sliding``).
 ACTIVATION_RESERVE_BYTES = 2 * 2**30
 
 

@@ -1,4 +1,8 @@
-"""3D U-Net and the 3D Attention U-Net with grid attention gates (Oktay et al., 2018).
+"""3D U-Net (Çiçek et al., 2016) and the 3D Attention U-Net with grid attention gates (Oktay et al., 2018).
+
+Çiçek Ö., Abdulkadir A., Lienkamp S. S., Brox T., Ronneberger O., "3D U-Net: Learning Dense Volumetric
+Segmentation from Sparse Annotation", MICCAI 2016, arXiv:1606.06650 — the 3D encoder–decoder with skip
+connections (its network architecture section) that both networks here are built on.
 
 Oktay O., Schlemper J., Le Folgoc L. et al., "Attention U-Net: Learning Where to Look for the Pancreas",
 MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' code
@@ -16,9 +20,12 @@ MIDL 2018, arXiv:1804.03999 — the 3D CT network of the paper and the authors' 
   (gated) skip, two 3×3×3 convs.
 * Deep supervision: a 1×1×1 head per decoder level (Sec. 2 of the paper).
 
-:class:`UNet3D` has the identical encoder/decoder without gates: the ablation baseline. Which of the two a
-class is decides the gates (the class attribute ``grid_gates``); there is no constructor switch that could
-contradict the class, and the registry names ``unet`` / ``attention_unet`` map to the two classes.
+:class:`UNet3D` has the identical encoder/decoder without gates and without ``g``: the ablation baseline, a
+3D U-Net after Çiçek et al. in this layout (five levels instead of four, padded convolutions, trilinear
+up-sampling instead of 2×2×2 up-convolutions, instance norm by default instead of batch norm, deep
+supervision). :class:`AttentionUNet3D` adds the gates. Which of the two a class is decides the gates (the
+class attribute ``grid_gates``); there is no constructor switch that could contradict the class, and the
+registry names ``unet`` / ``attention_unet`` map to the two classes.
 
 Pluggable parts (chosen by config through :mod:`medseg.nets.registry`): a bottleneck block (PAM, CAM, DANet
 dual, EMA, PSA, FPA, context encoding), the decoder fusion (``concat`` or PAN's global attention
@@ -66,12 +73,18 @@ class UNetBlocks:
 
 
 class UNet3D(nn.Module):
-    """Five-level 3D U-Net with optional grid attention gates and pluggable attention blocks.
+    """3D U-Net (Çiçek et al., MICCAI 2016) with pluggable attention blocks; five levels by default.
+
+    Two 3×3×3 conv–norm–ReLU per level and max pooling on the way down; on the way up, per level, the decoder
+    fusion (by default trilinear up-sampling, concatenation with the skip and two 3×3×3 conv–norm–ReLU); then
+    the head (by default a 1×1×1 convolution). See the module docstring. It has no attention gates:
+    :class:`AttentionUNet3D` adds them.
 
     Args:
         in_channels: image channels (1 for CT).
         num_classes: output classes including background.
-        filters: channels per level, default ``(16, 32, 64, 128, 256)`` (Oktay et al.'s 3D CT network).
+        filters: channels per level (at least 2 levels), default ``(16, 32, 64, 128, 256)`` (Oktay et al.'s 3D
+            CT network).
         norm: ``instance`` | ``batch`` | ``group``.
         deep_supervision: add a 1×1×1 head per decoder level (used in training only).
         pool_kernels: per pooling step (``len(filters) - 1`` of them) the max-pool kernel (= stride) per
@@ -80,10 +93,13 @@ class UNet3D(nn.Module):
         blocks: the pluggable bottleneck, decoder fusion and head (:class:`UNetBlocks`); default none,
             concatenation and a 1×1×1 convolution.
 
-    Attention gates: none here; :class:`AttentionUNet3D` (``grid_gates = True``) adds them.
+    The class attribute ``grid_gates`` (False here; True in :class:`AttentionUNet3D`) decides the gates.
+
+    Raises:
+        ValueError: fewer than 2 levels, or malformed ``pool_kernels`` (:func:`check_pool_kernels`).
 
     Example:
-        >>> net = AttentionUNet3D(1, 3).eval()
+        >>> net = UNet3D(1, 3).eval()
         >>> net(torch.randn(1, 1, 32, 48, 40)).shape
         torch.Size([1, 3, 32, 48, 40])
     """
@@ -187,8 +203,9 @@ class UNet3D(nn.Module):
 
         The prior initialisation of Lin et al. 2017 (Focal Loss, Sec. 4.1): training starts from the class
         frequencies instead of a uniform softmax, so the first iterations are not spent suppressing the
-        small classes everywhere — on the phantoms this is what lets the pancreas and kidneys appear within
-        a CPU-sized budget. Heads that are not a plain convolution provide their own ``init_class_prior``.
+        small classes everywhere (what it did on the phantoms: ``docs/design.md``, section
+        ``medseg.nets.unet``). ``log_prior``: ``(K,)``. Heads that are not a plain convolution provide their
+        own ``init_class_prior``; other heads are left as they are.
         """
         heads = [*self.ds_heads, self.head]
         for head in heads:

@@ -24,17 +24,17 @@ with a reference measured on a GPU. medseg estimates training memory of its own 
 
     RESERVED_GB + 16 B × parameters + HEADROOM × 4 B × batch × (a·F + c·K·V + d·V)
 
-``F = Σ_levels voxels × filters`` (the feature maps of one sample), ``V`` = patch voxels, ``K`` = classes;
-16 B per parameter are weights, gradients and the two Adam moments. ``a, c, d`` were fitted (least squares,
-largest error 8 %) to the bytes of the tensors autograd saves for the backward pass — counted exactly with
-``torch.autograd.graph.saved_tensors_hooks`` over a training-mode forward and the Dice+CE loss — for
-``unet`` and ``attention_unet`` with filters 4…64, 8…128 and 16…256, K = 2 and 7, and nine patches
-including anisotropic pooling (``python -m benchmarks.calibrate_plan_memory`` repeats the measurement;
-``tests/test_planner.py`` checks the formula against it). ``HEADROOM`` = 1.2: the peak resident memory of a
-whole forward + backward + AdamW step grew 1.15–1.19 × the saved bytes on the CPU (96×96×64 to 128×128×96,
-batch 2). ``RESERVED_GB`` = 1 GB is an allowance for the CUDA context, cuDNN workspaces and allocator slack
-(not measured here). Activations are counted in float32; with CUDA AMP (``train.amp``) most are float16, so
-on a GPU the estimate errs on the safe side. Bottleneck blocks (PAM, PSA, …) are not modelled.
+``F = Σ_levels voxels × filters`` (the feature maps of one sample, :func:`feature_voxels`), ``V`` = patch
+voxels, ``K`` = classes; 16 B per parameter (:func:`estimate_parameters`) are weights, gradients and the two
+Adam moments. ``a, c, d`` (:data:`ACTIVATION_COEFFICIENTS`, per network) model the bytes of the tensors
+autograd saves for the backward pass of a training-mode forward and the Dice+CE loss; :data:`HEADROOM`
+scales them to the peak of a whole forward + backward + AdamW step; :data:`RESERVED_GB` is an allowance, not
+a measurement, for the CUDA context, cuDNN workspaces and allocator slack. ``python -m
+benchmarks.calibrate_plan_memory`` repeats the measurement the coefficients were fitted to, and
+``tests/test_planner.py`` checks the formula against it; how they were fitted and how well:
+``docs/design.md``, section ``medseg.planning.planner``. Activations are counted in float32; under bf16 or
+fp16 autocast (``train.precision``) many are stored in 2 bytes, so the estimate then errs on the safe side.
+Bottleneck blocks (PAM, PSA, …) are not modelled.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ INITIAL_PATCH_VOXELS = 256**3
 CPU_DEFAULT_MEMORY_GB = 8.0
 #: Fitted bytes model of the saved activations, per network (see the module docstring): (a, c, d).
 ACTIVATION_COEFFICIENTS = {"attention_unet": (11.97, 3.45, 2.71), "unet": (11.39, 3.45, 2.93)}
-#: Peak memory of forward + backward + optimizer step over the saved activations (measured on the CPU).
+#: Peak memory of forward + backward + optimizer step over the saved activations (measured on the CPU;
+#: ``docs/design.md``, section ``medseg.planning.planner``).
 HEADROOM = 1.2
 #: Allowance for the CUDA context, cuDNN workspaces and allocator slack (GB).
 RESERVED_GB = 1.0
@@ -183,8 +184,8 @@ def plan_patch_and_batch(
 ) -> dict:
     """Patch size, pool kernels and batch size for the budget ``memory_gb`` (module docstring).
 
-    ``patch`` / ``batch`` given (explicit config values) are kept as they are; a given patch keeps the 2×2×2
-    poolings every network had before plans chose them.
+    ``patch`` / ``batch`` given (explicit config values) are kept as they are; a given patch is pooled 2×2×2
+    at every step (the networks' default).
 
     Returns:
         ``{"patch_size", "pool_kernels", "batch_size", "estimated_memory_gb", "fits"}`` (``fits``: the
