@@ -163,26 +163,16 @@ def _app() -> typer.Typer:
     return app
 
 
+def _evaluate(pred, ref, out, *options: str) -> list[str]:
+    """``evaluate --pred PRED --ref REF OPTIONS -o OUT`` as CLI arguments."""
+    return ["evaluate", "--pred", str(pred), "--ref", str(ref), *options, "-o", str(out)]
+
+
 def test_cli_end_to_end(folders, tmp_path):
     pred, ref = folders
     runner = CliRunner()
     out = tmp_path / "cli" / "metrics.csv"
-    result = runner.invoke(
-        _app(),
-        [
-            "evaluate",
-            "--pred",
-            str(pred),
-            "--ref",
-            str(ref),
-            "--labels",
-            "1,2",
-            "--tolerance",
-            "1.0",
-            "-o",
-            str(out),
-        ],
-    )
+    result = runner.invoke(_app(), _evaluate(pred, ref, out, "--labels", "1,2", "--tolerance", "1.0"))
     assert result.exit_code == 0, result.output
     assert len(_read_csv(out)) == 4
     summary = json.loads((tmp_path / "cli" / "metrics_summary.json").read_text())
@@ -209,18 +199,5 @@ def test_cli_errors_exit_non_zero(folders, tmp_path):
     assert failed.exit_code == 1
     assert "geometry mismatch" in failed.output
     assert len(_read_csv(tmp_path / "m.csv")) == 4  # the good cases are still there
-    bad_labels = runner.invoke(
-        _app(),
-        [
-            "evaluate",
-            "--pred",
-            str(pred),
-            "--ref",
-            str(ref),
-            "--labels",
-            "1,x",
-            "-o",
-            str(tmp_path / "m.csv"),
-        ],
-    )
+    bad_labels = runner.invoke(_app(), _evaluate(pred, ref, tmp_path / "m.csv", "--labels", "1,x"))
     assert bad_labels.exit_code != 0
