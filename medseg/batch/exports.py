@@ -68,8 +68,6 @@ def write_case_exports(
             ),
         )
         warnings += list(report.warnings)
-        if report.omitted:
-            warnings.append(f"DICOM SEG: empty segments omitted: {', '.join(report.omitted)}")
         exports["dicom_seg"] = {
             "path": None if report.path is None else str(report.path),
             "type": kind,

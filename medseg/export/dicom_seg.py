@@ -60,6 +60,9 @@ from medseg.io.nifti import InputError
 SEGMENTATION_TYPES = ("BINARY", "LABELMAP")
 #: UIDs a SEG needs from its source (General Study, General Series, Frame of Reference modules; Type 1).
 SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+#: ContentCreatorName (0070,0084), Type 2: the algorithm as a person name (family name component); the
+#: algorithm itself is identified in each segment's Algorithm Identification.
+CONTENT_CREATOR = "medseg^automatic"
 #: Patient and study attributes copied into the SEG (PS3.3 C.7.1.1, C.7.2.1; Type 2: present, may be empty).
 PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -257,6 +260,7 @@ def build_segmentation(
         device_serial_number="0",
         content_label="MEDSEG",
         content_description=long_string("medseg automatic segmentation"),
+        content_creator_name=CONTENT_CREATOR,
         series_description=long_string(series_description),
         omit_empty_frames=True,
     )

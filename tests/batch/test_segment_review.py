@@ -132,6 +132,8 @@ def test_segment_exports_dicom_seg_and_viewer_files(tiny_run, tiny_dataset, tmp_
                      "--output-type", "nifti,dicom-seg,slicer", "--split")  # fmt: skip
     assert result.code == 0, result.output
     assert "no DICOM SEG: the input is NIfTI" in result.stderr
+    empty = [line for line in result.stderr.splitlines() if "empty segment" in line]
+    assert len(empty) == 1 and "not written" in empty[0], result.stderr  # said once, not twice
     dicom_case = next(p.name.removesuffix(".json") for p in out.glob("P9_*.json"))
     mask = np.asarray(nib.load(out / f"{dicom_case}.nii.gz").dataobj)
     seg = hd.seg.segread(out / f"{dicom_case}_seg.dcm")

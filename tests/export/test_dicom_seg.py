@@ -137,6 +137,7 @@ def test_seg_round_trips_through_pydicom(case, tmp_path, seg_type):
 
     seg = pydicom.dcmread(report.path)
     assert seg.SOPClassUID == SEG_SOP_CLASS[seg_type] and seg.Modality == "SEG"
+    assert str(seg.ContentCreatorName) == "medseg^automatic"  # Type 2 (0070,0084): present, dcmqi asks for it
     assert seg.FrameOfReferenceUID == written.frame_of_reference_uid
     assert seg.StudyInstanceUID == written.study_uid and seg.PatientID == volume.series.patient_id
     assert seg.SeriesInstanceUID != written.series_uid and seg.SeriesNumber == 1003
