@@ -31,7 +31,7 @@ autograd saves for the backward pass of a training-mode forward and the Dice+CE 
 scales them to the peak of a whole forward + backward + AdamW step; :data:`RESERVED_GB` is an allowance, not
 a measurement, for the CUDA context, cuDNN workspaces and allocator slack. ``python -m
 benchmarks.calibrate_plan_memory`` repeats the measurement the coefficients were fitted to, and
-``tests/test_planner.py`` checks the formula against it; how they were fitted and how well:
+``tests/planning/test_planner.py`` checks the formula against it; how they were fitted and how well:
 ``docs/design.md``, section ``medseg.planning.planner``. Activations are counted in float32; under bf16 or
 fp16 autocast (``train.precision``) many are stored in 2 bytes, so the estimate then errs on the safe side.
 Bottleneck blocks (PAM, PSA, …) are not modelled.
