@@ -14,13 +14,29 @@ Commons SEGs do; the pre-coordinated SNOMED concepts "Right kidney structure" (9
 structure" (18639004) exist in SNOMED CT but not in DICOM's code tables (CID 7151), so viewers that look
 segments up in those tables would not find them.
 
+Coverage: every one of TotalSegmentator v2's 117 CT class names (``lung_upper_lobe_left``, ``rib_right_7``,
+``vertebrae_T4``, ``iliac_vena_left`` …) resolves to a specific concept, except the names in
+:data:`GENERIC_FALLBACKS`: pydicom's tables hold no concept for them, so each maps *explicitly* to a
+documented, more generic (or nearest) concept and its :attr:`SegmentCode.note` says why — numbered ribs
+(``rib_left_1`` … ``rib_right_12`` → Rib 113197003 + laterality: pydicom has no per-rib codes), S1 (→ Sacrum),
+kidney cysts (→ Cyst 367643001 in category "Morphologically Abnormal Structure", the kidney's side as
+modifier), the portal-and-splenic-vein label (→ Portal vein), the gluteal and iliopsoas muscles (→ Muscle of
+lower limb 102292000), the autochthonous back muscles (→ Erector spinae muscle 44947003) and the hip bone
+(→ Hip 29836001, the hip region). None of them falls to "Tissue". Concepts that carry
+their side (Middle lobe of right lung, Left auricular appendage) get no modifier.
+
 Colours are 3D Slicer's *GenericAnatomyColors* lookup table (Halle, Talos, Kikinis et al.; the colours of
-Slicer's "General Anatomy" terminology), so a structure has the colour radiologists see in Slicer.
+Slicer's "General Anatomy" terminology), so a structure has the colour radiologists see in Slicer. A
+structure without its own entry here takes the colour of its family's entry (:data:`FAMILY_COLORS`: lung
+lobes the lung's, arteries the common iliac artery's red, veins the venous blue, bones and the skull the
+bone colour, costal cartilage the rib's, muscles the muscle colour, the atrial appendage the heart's); the
+kidney cyst, a lesion, takes "region 3" (amber) of the palette below, so that it stands out from the kidney.
 
 Name matching (:func:`lookup`) is case-insensitive; ``_``, ``-``, ``.`` and spaces are one separator;
 ``KidneyRight`` splits at the capital; a leading or trailing ``left``/``right``/``l``/``r``/``lt``/``rt``
 is the laterality (``kidney_right``, ``Right Kidney``, ``kidney-R``, ``l_adrenal_gland``); ``L1`` …
-``vertebrae_T12`` name single vertebrae. Unknown names get the generic "Tissue" code (SCT 85756007) with
+``vertebrae_T12`` name single vertebrae; ``rib_left_3`` / ``left rib 3`` / ``rib 3 right`` numbered ribs.
+Unknown names get the generic "Tissue" code (SCT 85756007) with
 the label name as segment label, and a colour from Slicer's "region" palette chosen by label index.
 
 :func:`segment_descriptions` and :func:`algorithm_identification` turn these into highdicom's Segment
@@ -47,6 +63,13 @@ GENERIC_TYPE: Code = codes.SCT.Tissue
 #: Laterality modifiers (CID 244).
 RIGHT: Code = codes.cid244.Right
 LEFT: Code = codes.cid244.Left
+
+#: Colour of a structure family (Slicer GenericAnatomyColors), for structures without an entry of their own.
+FAMILY_COLORS: dict[str, tuple[int, int, int]] = {
+    "lung": (197, 165, 145), "artery": (216, 101, 79), "vein": (0, 151, 206), "bone": (241, 214, 145),
+    "rib": (253, 232, 158), "muscle": (192, 104, 88), "heart": (206, 110, 84), "kidney": (185, 102, 83),
+}  # fmt: skip
+_F = FAMILY_COLORS
 
 #: Canonical organ name → (pydicom ``codes.SCT`` attribute, Slicer GenericAnatomyColors RGB).
 ORGANS: dict[str, tuple[str, tuple[int, int, int]]] = {
@@ -81,7 +104,6 @@ ORGANS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "rib": ("Rib", (253, 232, 158)),
     "sternum": ("Sternum", (244, 217, 154)),
     "femur": ("Femur", (255, 238, 170)),
-    "hip": ("Hip", (177, 122, 101)),
     "bone": ("Bone", (241, 214, 145)),
     "muscle": ("Muscle", (192, 104, 88)),
     "trachea": ("Trachea", (182, 228, 255)),
@@ -92,7 +114,63 @@ ORGANS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "uterus": ("Uterus", (255, 181, 158)),
     "ureter": ("Ureter", (247, 182, 164)),
     "urethra": ("Urethra", (124, 186, 223)),
+    # TotalSegmentator's CT classes (colours by family, FAMILY_COLORS)
+    "upper lobe of lung": ("UpperLobeOfLung", _F["lung"]),
+    "lower lobe of lung": ("LowerLobeOfLung", _F["lung"]),
+    "middle lobe of right lung": ("MiddleLobeOfRightLung", _F["lung"]),
+    "pulmonary vein": ("PulmonaryVein", _F["vein"]),
+    "brachiocephalic trunk": ("BrachiocephalicTrunk", _F["artery"]),
+    "subclavian artery": ("SubclavianArtery", _F["artery"]),
+    "common carotid artery": ("CommonCarotidArtery", _F["artery"]),
+    "brachiocephalic vein": ("BrachiocephalicVein", _F["vein"]),
+    "iliac artery": ("IliacArtery", _F["artery"]),
+    "iliac vein": ("IliacVein", _F["vein"]),
+    "left atrial appendage": ("LeftAuricularAppendage", _F["heart"]),
+    "humerus": ("Humerus", _F["bone"]),
+    "scapula": ("Scapula", _F["bone"]),
+    "clavicle": ("Clavicle", _F["bone"]),
+    "skull": ("Skull", _F["bone"]),
+    "costal cartilage": ("CostalCartilage", _F["rib"]),
 }
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A documented generic concept for a name pydicom's tables hold no specific concept for."""
+
+    attribute: str  # pydicom ``codes.SCT`` attribute
+    rgb: tuple[int, int, int]
+    note: str
+    category: str = "AnatomicalStructure"  # pydicom ``codes.cid7150`` attribute
+
+
+_LIMB_MUSCLE = (
+    "no {} concept in pydicom's SCT tables; Muscle of lower limb (a hip muscle, Terminologia Anatomica)"
+)
+#: Canonical name → its documented generic concept (see the module docstring). ``numbered rib`` stands for
+#: ``rib_left_1`` … ``rib_right_12`` (matched by pattern).
+GENERIC_FALLBACKS: dict[str, Fallback] = {
+    "numbered rib": Fallback("Rib", _F["rib"], "no per-rib concepts in pydicom's SCT tables; Rib + side"),
+    "vertebrae s1": Fallback("Sacrum", _F["bone"], "no S1 vertebra concept in pydicom's SCT tables; Sacrum"),
+    "kidney cyst": Fallback(
+        "Cyst", (230, 169, 29), "no kidney-cyst concept in pydicom's SCT tables; Cyst, side of the kidney",
+        "MorphologicallyAbnormalStructure",
+    ),
+    "portal vein and splenic vein": Fallback(
+        "PortalVein", _F["vein"], "one label for two veins; Portal vein, which the splenic vein joins"
+    ),
+    "gluteus maximus": Fallback("MuscleOfLowerLimb", _F["muscle"], _LIMB_MUSCLE.format("gluteus maximus")),
+    "gluteus medius": Fallback("MuscleOfLowerLimb", _F["muscle"], _LIMB_MUSCLE.format("gluteus medius")),
+    "gluteus minimus": Fallback("MuscleOfLowerLimb", _F["muscle"], _LIMB_MUSCLE.format("gluteus minimus")),
+    "iliopsoas": Fallback("MuscleOfLowerLimb", _F["muscle"], _LIMB_MUSCLE.format("iliopsoas")),
+    "autochthon": Fallback(
+        "ErectorSpinaeMuscle", _F["muscle"],
+        "no autochthonous-back-muscle concept in pydicom's SCT tables; Erector spinae, its main part",
+    ),
+    "hip": Fallback(
+        "Hip", (177, 122, 101), "no hip-bone (os coxae) concept in pydicom's SCT tables; Hip (region)",
+    ),
+}  # fmt: skip
 
 _SIDES = {"left": LEFT, "l": LEFT, "lt": LEFT, "right": RIGHT, "r": RIGHT, "rt": RIGHT}
 #: Slicer GenericAnatomyColors "region 0" … "region 15": colours for names not in the table.
@@ -103,13 +181,16 @@ REGION_COLORS: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 _VERTEBRA = re.compile(r"(?:vertebrae? )?([ctl])\s?(\d{1,2})(?: vertebrae?)?")
 _VERTEBRA_COUNT = {"c": 7, "t": 12, "l": 5}
+_SIDE = r"(left|right|lt|rt|l|r)"
+_RIB = re.compile(rf"(?:{_SIDE} )?ribs? (?:{_SIDE} )?(\d{{1,2}})(?: {_SIDE})?")
 
 
 @dataclass(frozen=True)
 class SegmentCode:
     """How one label is described: category, type, optional laterality modifier, and display colour.
 
-    ``known`` is False for a name the table does not hold (generic Tissue code).
+    ``known`` is False for a name the table does not hold (generic Tissue code); ``note`` says why a name
+    got a documented generic concept (:data:`GENERIC_FALLBACKS`), None for a specific one.
     """
 
     category: Code
@@ -117,6 +198,7 @@ class SegmentCode:
     modifier: Code | None
     rgb: tuple[int, int, int]
     known: bool = True
+    note: str | None = None
 
     @property
     def cielab(self) -> hd.color.CIELabColor:
@@ -154,6 +236,21 @@ def _vertebra(base: str) -> Code | None:
     return getattr(codes.SCT, f"{region.upper()}{number}Vertebra")
 
 
+def _fallback(name: str, modifier: Code | None) -> SegmentCode:
+    entry = GENERIC_FALLBACKS[name]
+    category = getattr(codes.cid7150, entry.category)
+    return SegmentCode(category, getattr(codes.SCT, entry.attribute), modifier, entry.rgb, note=entry.note)
+
+
+def _rib(key: str) -> SegmentCode | None:
+    """``rib left 3``, ``left rib 3``, ``rib 3 r`` → Rib + laterality (the fallback ``numbered rib``)."""
+    match = _RIB.fullmatch(key)
+    sides = [s for s in match.groups()[0:2] + match.groups()[3:] if s] if match else []
+    if not match or len(sides) > 1 or not 1 <= int(match[3]) <= 12:
+        return None
+    return _fallback("numbered rib", _SIDES[sides[0]] if sides else None)
+
+
 def lookup(name: str, index: int = 0, extra: Mapping[str, SegmentCode] | None = None) -> SegmentCode:
     """The :class:`SegmentCode` for a label name; unknown names get the generic Tissue code.
 
@@ -180,8 +277,12 @@ def lookup(name: str, index: int = 0, extra: Mapping[str, SegmentCode] | None = 
         if base in ORGANS:
             attribute, rgb = ORGANS[base]
             return SegmentCode(ANATOMICAL_STRUCTURE, getattr(codes.SCT, attribute), modifier, rgb)
+        if base in GENERIC_FALLBACKS:
+            return _fallback(base, modifier)
         if (vertebra := _vertebra(base)) is not None:
             return SegmentCode(ANATOMICAL_STRUCTURE, vertebra, modifier, ORGANS["vertebra"][1])
+    if (rib := _rib(key)) is not None:
+        return rib
     rgb = REGION_COLORS[(index - 1) % len(REGION_COLORS)]
     return SegmentCode(GENERIC_CATEGORY, GENERIC_TYPE, None, rgb, known=False)
 
@@ -231,8 +332,12 @@ def segment_descriptions(
 
 def _check_table() -> None:
     """Every table entry names a concept pydicom's DICOM code tables hold (fails at import otherwise)."""
-    missing = [a for a, _ in ORGANS.values() if getattr(codes.SCT, a, None) is None]
-    unknown_alias = sorted(set(ALIASES.values()) - set(ORGANS))
+    attributes = [a for a, _ in ORGANS.values()] + [f.attribute for f in GENERIC_FALLBACKS.values()]
+    missing = [a for a in attributes if getattr(codes.SCT, a, None) is None]
+    missing += [
+        f.category for f in GENERIC_FALLBACKS.values() if getattr(codes.cid7150, f.category, None) is None
+    ]
+    unknown_alias = sorted(set(ALIASES.values()) - set(ORGANS) - set(GENERIC_FALLBACKS))
     if missing or unknown_alias:
         raise ImportError(f"codes table: not in pydicom's SCT tables {missing}; bad aliases {unknown_alias}")
 

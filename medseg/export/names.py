@@ -32,6 +32,16 @@ ALIASES: dict[str, str] = {
     "thyroid gland": "thyroid",
     "iliac artery common": "common iliac artery",
     "iliac vein common": "common iliac vein",
+    # TotalSegmentator v2 CT class names (after the side is split off)
+    "lung upper lobe": "upper lobe of lung",
+    "lung lower lobe": "lower lobe of lung",
+    "lung middle lobe right": "middle lobe of right lung",
+    "right lung middle lobe": "middle lobe of right lung",
+    "atrial appendage left": "left atrial appendage",
+    "iliac vena": "iliac vein",
+    "clavicula": "clavicle",
+    "costal cartilages": "costal cartilage",
+    "vertebra s1": "vertebrae s1",
 }
 
 
