@@ -24,42 +24,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-#: ``--archive-limits`` keys → (ArchiveLimits field, unit multiplier).
-_ARCHIVE_KEYS = {
-    "members": ("max_members", 1),
-    "total-gb": ("max_total_bytes", 2**30),
-    "ratio": ("max_ratio", 1),
-}
-
-
-def _archive_limits(text: str | None):
-    """``members=…,total-gb=…,ratio=…`` → :class:`medseg.io.archive.ArchiveLimits` (None: the defaults).
-
-    Raises:
-        ValueError: an unknown key or a value that is not a positive number (one line).
-    """
-    if not text:
-        return None
-    from medseg.io.archive import ArchiveLimits
-
-    values = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() not in _ARCHIVE_KEYS:
-            raise ValueError(
-                f"--archive-limits: unknown key {key.strip()!r}; valid: {', '.join(_ARCHIVE_KEYS)}"
-            )
-        field, unit = _ARCHIVE_KEYS[key.strip()]
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not number > 0:
-            raise ValueError(f"--archive-limits: {key.strip()}={value!r} is not a positive number")
-        values[field] = number if field == "max_ratio" else int(number * unit)
-    return ArchiveLimits(**values)
-
-
 def segment_command(
     input: Annotated[
         Path,
@@ -182,6 +146,7 @@ def segment_command(
     from medseg.batch.sharding import resolve_part
     from medseg.config import ConfigError
     from medseg.io import InputError
+    from medseg.io.archive import ArchiveLimits
 
     try:
         part = resolve_part(num_parts, part_id)
@@ -194,7 +159,7 @@ def segment_command(
             postprocess=postprocess,
             prefetch=prefetch,
             profile=profile,
-            archive_limits=_archive_limits(archive_limits),
+            archive_limits=ArchiveLimits.parse(archive_limits),
         )
         what = OutputSpec(
             types=output_type,

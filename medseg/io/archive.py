@@ -51,7 +51,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medseg.io.nifti import InputError, is_nifti
 
@@ -107,6 +107,37 @@ class ArchiveLimits:
     ratio_from_bytes: int = 16 * 2**20
     #: Central directory bytes allowed per member (the directory is read into memory whole).
     directory_bytes_per_member: int = 1024
+
+    #: ``parse`` keys → (field, unit): what ``medseg segment --archive-limits`` accepts.
+    KEYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "members": ("max_members", 1),
+        "total-gb": ("max_total_bytes", 2**30),
+        "ratio": ("max_ratio", 1),
+    }
+
+    @classmethod
+    def parse(cls, text: str | None) -> ArchiveLimits | None:
+        """``members=…,total-gb=…,ratio=…`` → the limits, the others at their defaults (None: no text).
+
+        Raises:
+            ValueError: an unknown key or a value that is not a positive number (one line).
+        """
+        if not text:
+            return None
+        values: dict[str, float | int] = {}
+        for item in text.split(","):
+            key, _, value = (part.strip() for part in item.partition("="))
+            if key not in cls.KEYS:
+                raise ValueError(f"--archive-limits: unknown key {key!r}; valid: {', '.join(cls.KEYS)}")
+            field, unit = cls.KEYS[key]
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not number > 0:
+                raise ValueError(f"--archive-limits: {key}={value!r} is not a positive number")
+            values[field] = number if field == "max_ratio" else int(number * unit)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
