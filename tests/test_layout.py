@@ -23,11 +23,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),  # typed frozen config and option objects
     ("planning",),  # nnU-Net-style planner, fingerprint, plan files, the run's plan
     ("losses", "metrics"),
-    ("export",),  # file formats: DICOM SEG, Slicer/ITK-SNAP, organ names and codes
+    ("export",),  # file formats: DICOM SEG, RTSTRUCT, Slicer/ITK-SNAP, organ names and codes
+    ("network",),  # DICOM networking: destinations, C-STORE/STOW-RS sending, the DICOMweb pull client
     ("report",),  # what people read: previews, QA, statistics, tables, plots
     ("evaluation",),  # a folder of predictions against a folder of references
     ("inference",),  # one volume: predictor, preprocess, sliding window, TTA, restore, postprocess
     ("batch",),  # the batch application: inputs, cases, outputs, manifest, sharding, re-export, review page
+    ("node",),  # the DICOM node: Storage SCP, SQLite job store, workers that run the batch core and send
     ("engine",),  # training: loop, folds, DDP, caching, validation, ablation
     ("api",),  # the public Python API (medseg.segment, ...)
     ("testing",),  # generators for tests and demos (nothing in medseg imports them)
