@@ -22,7 +22,7 @@ def export_command(
         str,
         typer.Option(
             "--output-type",
-            help="Comma-separated: dicom-seg | dicom-seg-labelmap (DICOM cases), slicer (.seg.nrrd).",
+            help="Comma-separated: dicom-seg | dicom-seg-labelmap, dicom-rtstruct (DICOM cases), slicer (.seg.nrrd).",
         ),
     ] = ",".join(ExportOptions.types),
     split: Annotated[

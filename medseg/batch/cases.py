@@ -396,7 +396,8 @@ class BatchRun:
                     str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {_first_line(exc)}"
                 )
                 sidecar["export_error"] = case.shown(f"{text} (mask written: {dst}; viewer files not)")
-                (dst.parent / f"{case_name(dst)}_seg.dcm").unlink(missing_ok=True)  # not the old mask's SEG
+                for suffix in ("_seg.dcm", "_rtstruct.dcm"):  # not the old mask's SEG / RT Structure Set
+                    (dst.parent / f"{case_name(dst)}{suffix}").unlink(missing_ok=True)
         atomic_write_text(sidecar_path(dst), json.dumps(sidecar, indent=2, default=str))
 
     def _complete_previews(self, case: CaseSource, dst: Path) -> str:

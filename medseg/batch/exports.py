@@ -3,6 +3,9 @@
 * ``dicom-seg`` — a DICOM SEG referencing the source series (:func:`medseg.export.dicom_seg.write_dicom_seg`,
   read back and compared voxel for voxel on every write); DICOM inputs only: a NIfTI input has no source
   series to reference, which the case's warnings say;
+* ``dicom-rtstruct`` — an RT Structure Set ``<case>_rtstruct.dcm`` of the same series, one ROI per non-empty
+  label (:func:`medseg.export.rtstruct.write_rtstruct`, rasterised back and measured on every write: the
+  sidecar records each ROI's Dice and HD95); DICOM inputs only, like the SEG;
 * ``slicer`` — a 3D Slicer segmentation ``<case>.seg.nrrd`` with names, colours and label values;
 * ``--split`` — one 0/1 mask per organ, ``<case>_organs/<case>_<organ>.nii.gz``;
 * ``--preview`` — ``<case>_preview.png`` (three planes, radiological convention) and ``<case>_thumb.png``;
@@ -78,6 +81,14 @@ def write_case_exports(
             "series_instance_uid": report.series_instance_uid,
             "round_trip": "voxel for voxel identical" if report.path is not None else None,
         }
+    if "dicom-rtstruct" in output_types:
+        if case.kind != "dicom":
+            warnings.append(
+                "no DICOM RT Structure Set: the input is NIfTI, so there is no source series to reference"
+            )
+        else:
+            exports["dicom_rtstruct"], notes = _write_rtstruct(case, dst, pred, checkpoint, checkpoint_sha256)
+            warnings += notes
     if "slicer" in output_types:
         path = write_slicer_seg_nrrd(
             pred.labels, pred.reference.affine, pred.label_names, dst.parent / f"{name}.seg.nrrd"
@@ -89,6 +100,31 @@ def write_case_exports(
         )
         exports["split"] = {organ: str(p) for organ, p in written.items()}
     return exports, warnings
+
+
+def _write_rtstruct(
+    case: CaseSource, dst: Path, pred: Prediction, checkpoint: Path, checkpoint_sha256: str
+) -> tuple[dict, list[str]]:
+    """``<case>_rtstruct.dcm`` and its sidecar entry (ROIs, omitted labels, UIDs, measured round trip)."""
+    from medseg.export.rtstruct import RtOptions, write_rtstruct
+
+    report = write_rtstruct(
+        pred.labels,
+        case.series,
+        pred.label_names,
+        dst.parent / f"{case_name(dst)}_rtstruct.dcm",
+        affine=pred.reference.affine,
+        options=RtOptions(checkpoint_name=checkpoint.name, checkpoint_sha256=checkpoint_sha256),
+    )
+    entry = {
+        "path": None if report.path is None else str(report.path),
+        "rois": report.rois,
+        "omitted": list(report.omitted),
+        "sop_instance_uid": report.sop_instance_uid,
+        "series_instance_uid": report.series_instance_uid,
+        "round_trip": {name: agreement.as_dict() for name, agreement in report.round_trip.items()},
+    }
+    return entry, list(report.warnings)
 
 
 def write_folder_exports(folder: Path, label_names: dict[str, int]) -> Path:

@@ -1,8 +1,8 @@
 """``medseg export``: viewer files for cases a batch already segmented, from the mask and its sidecar alone.
 
 A ``medseg segment`` output folder holds, per case, ``<case>.nii.gz`` and the sidecar ``<case>.json``
-(:mod:`medseg.batch.outputs`). Everything a DICOM SEG, a Slicer ``.seg.nrrd`` or per-organ masks need is
-there — no network runs again:
+(:mod:`medseg.batch.outputs`). Everything a DICOM SEG, an RT Structure Set, a Slicer ``.seg.nrrd`` or
+per-organ masks need is there — no network runs again:
 
 * the label map and its geometry: the mask (written in the scan's exact shape and affine);
 * label names: the sidecar's ``labels``;
@@ -11,7 +11,8 @@ there — no network runs again:
   series folder, outside system folders and, with ``--source-root``, inside that folder
   (:mod:`medseg.batch.recorded_series`); the series is matched by Series Instance UID;
   :func:`medseg.export.dicom_seg.write_dicom_seg` then checks that the mask lies on that series' grid and
-  reads the written SEG back voxel for voxel, as on a first write;
+  reads the written SEG back voxel for voxel, as on a first write (and
+  :func:`medseg.export.rtstruct.write_rtstruct` rasterises the written RT Structure Set back);
 * algorithm identification: the sidecar's ``checkpoints`` and ``checkpoint_sha256``.
 
 The sidecar is data, not authority: every ``<case>.nii.gz`` with a ``<case>.json`` beside it is a case, and a
@@ -73,7 +74,7 @@ def export_outputs(
     *,
     log: Callable[[str], object] = print,
 ) -> ExportReport:
-    """Write ``options.types`` (``dicom-seg``, ``dicom-seg-labelmap``, ``slicer``) and, with
+    """Write ``options.types`` (``dicom-seg``, ``dicom-seg-labelmap``, ``dicom-rtstruct``, ``slicer``) and, with
     ``options.split``, the per-organ masks for every segmented case of a ``medseg segment`` output ``folder``
     (:class:`~medseg.config.segment.ExportOptions`; an unknown type fails when the options are made).
 

@@ -14,7 +14,11 @@ and :func:`sidecar_problems` lists every mismatch as ``key: expected …, found 
   ``modality``: strings; ``series_number``: integer or null; ``sop_instance_uids``, ``notes``: lists of
   strings, the former as long as ``files``);
 * when present: ``source`` (string), ``checkpoints`` and ``checkpoint_sha256`` (lists of strings),
-  ``exports`` (object), ``warnings`` (list of strings).
+  ``exports`` (object), ``warnings`` (list of strings). ``exports`` holds what earlier exports wrote
+  (``dicom_seg``, ``dicom_rtstruct``, ``slicer``, ``split``); an export replaces its own entry and reads
+  none, so only the shape of the DICOM entries is checked: each an object, ``dicom_rtstruct`` with
+  ``path`` (string or null), ``rois`` (object name → ROI number), ``omitted`` (list of strings), the two
+  UIDs (strings) and ``round_trip`` (object ROI name → ``{dice, hd95_voxels}``).
 
 Other keys (the identity, ``inference``, ``image_info``, …) are not used by an export and not checked. A
 sidecar larger than :data:`MAX_SIDECAR_BYTES` is refused unread.
@@ -128,6 +132,25 @@ def _check_dicom(problems: list[str], block: object) -> None:
         )
 
 
+def _check_exports(problems: list[str], exports: dict) -> None:
+    for key in ("dicom_seg", "dicom_rtstruct"):
+        if key in exports and not isinstance(exports[key], dict):
+            problems.append(f"exports.{key}: expected an object, found {_found(exports[key])}")
+    rt = exports.get("dicom_rtstruct")
+    if not isinstance(rt, dict):
+        return
+    if "path" in rt and not (rt["path"] is None or isinstance(rt["path"], str)):
+        problems.append(f"exports.dicom_rtstruct.path: expected a string or null, found {_found(rt['path'])}")
+    for key in ("rois", "round_trip"):
+        if key in rt and not isinstance(rt[key], dict):
+            problems.append(f"exports.dicom_rtstruct.{key}: expected an object, found {_found(rt[key])}")
+    if "omitted" in rt:
+        _check_string_list(problems, "exports.dicom_rtstruct.omitted", rt["omitted"])
+    for key in ("sop_instance_uid", "series_instance_uid"):
+        if key in rt and not isinstance(rt[key], str):
+            problems.append(f"exports.dicom_rtstruct.{key}: expected a string, found {_found(rt[key])}")
+
+
 def sidecar_problems(side: object, case: str) -> list[str]:
     """Every way ``side`` (a parsed sidecar of the mask of case ``case``) differs from the schema, as
     ``key: expected …, found …`` (the module docstring); empty when it matches."""
@@ -151,6 +174,8 @@ def sidecar_problems(side: object, case: str) -> list[str]:
             _check_string_list(problems, key, side[key])
     if "exports" in side and not isinstance(side["exports"], dict):
         problems.append(f"exports: expected an object, found {_found(side['exports'])}")
+    elif "exports" in side:
+        _check_exports(problems, side["exports"])
     return problems
 
 

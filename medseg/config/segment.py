@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 #: ``--postprocess`` names (a mapping ``label → rule`` is accepted from Python too).
 POSTPROCESS_MODES = ("auto", "none")
 #: ``--output-type`` values; ``nifti`` (the label map) is written for every case whatever is asked.
-OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-seg-labelmap", "slicer")
+OUTPUT_TYPES = ("nifti", "dicom-seg", "dicom-seg-labelmap", "slicer", "dicom-rtstruct")
 #: ``--prefetch``: 0 one case at a time, 1 one case ahead and one behind (:mod:`medseg.batch.lanes`).
 PREFETCH = (0, 1)
 
@@ -138,7 +138,8 @@ class OutputSpec:
 
     Attributes:
         types: :data:`OUTPUT_TYPES` (a comma-separated string is accepted and parsed): ``dicom-seg`` /
-            ``dicom-seg-labelmap`` for DICOM inputs, ``slicer`` (``.seg.nrrd``).
+            ``dicom-seg-labelmap`` and ``dicom-rtstruct`` (RT Structure Set) for DICOM inputs, ``slicer``
+            (``.seg.nrrd``).
         split: one 0/1 mask per organ in ``<case>_organs/``.
         statistics: ``<case>_stats.json`` per case and ``statistics.csv`` for the folder.
         preview: ``<case>_preview.png`` / ``<case>_thumb.png`` and the review page ``index.html``.

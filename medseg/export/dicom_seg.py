@@ -24,6 +24,9 @@ Guarantees of :func:`write_dicom_seg`:
   filled *in the copies given to highdicom* (UIDs generated deterministically from the source SOP Instance
   UIDs, so repeated exports agree), each named in the report's warnings; source SOP Instance UIDs are never
   invented — a series without them cannot be referenced and is refused;
+* the SEG's Series and SOP Instance UIDs are derived from the SEG type, the source series and its SOP
+  Instance UIDs and the checkpoint's SHA-256 (:mod:`medseg.export.uids`): the same series segmented by the
+  same model writes the same UIDs, so a re-sent SEG replaces the earlier one in a PACS;
 * **round trip on every write**: the written file is read back (``hd.seg.segread``), every frame is placed
   on the label grid through its own Plane Position / Orientation / Pixel Measures (patient coordinates, not
   frame order) and compared voxel for voxel with the label map, and its referenced SOP Instance UID must be
@@ -53,6 +56,7 @@ from medseg.export.codes import (
     segment_descriptions,
 )
 from medseg.export.seg_check import GRID_TOL_VOXELS, RoundTrip, SegRoundTripError, check_seg_round_trip
+from medseg.export.uids import DerivedUids, derived_uids
 from medseg.io.atomic import atomic_path
 from medseg.io.dicom import RAS_FROM_LPS, DicomVolume, SeriesInfo
 from medseg.io.nifti import InputError
@@ -143,7 +147,7 @@ def series_affine(info: SeriesInfo) -> np.ndarray:
     return RAS_FROM_LPS @ lps
 
 
-def _check_grid(labels: np.ndarray, affine: np.ndarray, info: SeriesInfo, rows: int, columns: int) -> None:
+def check_grid(labels: np.ndarray, affine: np.ndarray, info: SeriesInfo, rows: int, columns: int) -> None:
     """The label map lies on the series grid: shape (Columns, Rows, slices), and its corners are within
     :data:`GRID_TOL_VOXELS` of the series' voxels of the same index."""
     shape = tuple(labels.shape)
@@ -243,16 +247,28 @@ def build_segmentation(
     series_number: int,
     series_description: str,
     software_version: str,
+    uids: DerivedUids | None = None,
 ) -> hd.seg.Segmentation:
-    """highdicom Segmentation from (slice, rows, columns) frames of segment numbers, one per source image."""
+    """highdicom Segmentation from (slice, rows, columns) frames of segment numbers, one per source image.
+
+    ``uids``: the new series' and instance's UIDs; default :func:`~medseg.export.uids.derived_uids` of
+    ``seg-<type>``, the sources and no checkpoint (:func:`write_dicom_seg` passes the checkpoint's SHA-256).
+    """
+    if uids is None:
+        uids = derived_uids(
+            f"seg-{segmentation_type}",
+            str(sources[0].SeriesInstanceUID),
+            [str(ds.SOPInstanceUID) for ds in sources],
+            None,
+        )
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.series_instance_uid,
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
         manufacturer="medseg",
         manufacturer_model_name="medseg",
@@ -266,7 +282,8 @@ def build_segmentation(
     )
 
 
-def _label_counts(labels: np.ndarray, label_names: Mapping[str, int], where: str) -> np.ndarray:
+def label_counts(labels: np.ndarray, label_names: Mapping[str, int], where: str) -> np.ndarray:
+    """Voxels per label value of a 3D integer label map, checked to hold only values ``label_names`` names."""
     if labels.ndim != 3 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(f"{where}: label map must be a 3D integer array, got {labels.ndim}D {labels.dtype}")
     if labels.size and labels.min() < 0:
@@ -313,9 +330,9 @@ def write_dicom_seg(
             raise ValueError("write_dicom_seg: a SeriesInfo needs the label map's affine (affine=...)")
         affine = volume.image.affine
     labels = np.asarray(labels)
-    counts = _label_counts(labels, label_names, info.where)
+    counts = label_counts(labels, label_names, info.where)
     sources = source_datasets(info)
-    _check_grid(labels, affine, info, int(sources[0].Rows), int(sources[0].Columns))
+    check_grid(labels, affine, info, int(sources[0].Rows), int(sources[0].Columns))
     named = sorted(((v, n) for n, v in label_names.items() if v != 0), key=lambda vn: vn[0])
     present = [(v, n) for v, n in named if v < len(counts) and counts[v] > 0]
     omitted = tuple(n for v, n in named if (v, n) not in present)
@@ -347,6 +364,12 @@ def write_dicom_seg(
         series_number=series_number,
         series_description=options.series_description,
         software_version=version,
+        uids=derived_uids(
+            f"seg-{options.segmentation_type}",
+            str(sources[0].SeriesInstanceUID),
+            info.sop_instance_uids,
+            options.checkpoint_sha256,
+        ),
     )
     path = Path(path)
     segment_values = {numbers[n]: v for v, n in present}

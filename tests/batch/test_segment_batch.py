@@ -173,6 +173,78 @@ def test_dicom_tree_through_the_cli(pacs, tiny_run, tmp_path):
     assert {c for c, _ in rows} == set(pacs["written"])
 
 
+@pytest.mark.slow
+def test_dicom_seg_and_rtstruct_through_the_cli(pacs, segmenting_run, tmp_path, monkeypatch):
+    """``--output-type dicom-seg,dicom-rtstruct`` on a DICOM series writes both files, referencing the written
+    series, with one segment / ROI per non-empty label of the mask; the sidecar records both (the RTSTRUCT
+    with its measured round trip and UIDs). ``medseg export --output-type dicom-rtstruct`` makes it again
+    from the output folder with the same UIDs (same series, same model). An RTSTRUCT that fails its round
+    trip makes the case ``failed-export``, like a SEG: the mask stays, neither DICOM file does."""
+    import pydicom
+
+    from medseg.export import rtstruct
+
+    case, written = "P2_20240101_5", pacs["written"]["P2_20240101_5"]
+    out, model = tmp_path / "out", segmenting_run / "best.pt"
+    result = _segment(
+        "-i", pacs["root"] / "P2" / "s5", "-o", out, "-m", model, "--output-type", "dicom-seg,dicom-rtstruct"
+    )
+    assert result.exit_code == 0 and "1 written, 0 failed" in result.stdout, result.output
+    mask = np.asarray(nib.load(out / f"{case}.nii.gz").dataobj)
+    side = read_sidecar(out / f"{case}.nii.gz")
+    present = {name: v for name, v in side["labels"].items() if v > 0 and (mask == v).any()}
+    assert present, "the segmenting model found nothing"
+    seg, rt = (pydicom.dcmread(out / f"{case}_{kind}.dcm") for kind in ("seg", "rtstruct"))
+    entry = side["exports"]["dicom_rtstruct"]
+    assert entry["path"] == str(out / f"{case}_rtstruct.dcm")
+    assert (entry["sop_instance_uid"], entry["series_instance_uid"]) == (
+        rt.SOPInstanceUID,
+        rt.SeriesInstanceUID,
+    )
+    assert side["exports"]["dicom_seg"]["sop_instance_uid"] == seg.SOPInstanceUID
+    rois = {str(r.ROIName): int(r.ROINumber) for r in rt.StructureSetROISequence}
+    segments = {str(s.SegmentLabel): int(s.SegmentNumber) for s in seg.SegmentSequence}
+    assert rois == segments == entry["rois"] and set(rois) == set(present)
+    assert sorted(entry["omitted"]) == sorted(
+        n for n, v in side["labels"].items() if v > 0 and n not in present
+    )
+    assert entry["round_trip"] == {name: {"dice": 1.0, "hd95_voxels": 0.0} for name in present}
+    assert (rt.StudyInstanceUID, rt.FrameOfReferenceUID) == (
+        written.study_uid,
+        written.frame_of_reference_uid,
+    )
+    series = (
+        rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    )
+    assert series.SeriesInstanceUID == written.series_uid
+    assert sorted(i.ReferencedSOPInstanceUID for i in series.ContourImageSequence) == sorted(
+        written.sop_instance_uids
+    )
+
+    (out / f"{case}_rtstruct.dcm").unlink()
+    again = runner.invoke(app, ["export", str(out), "--output-type", "dicom-rtstruct"])
+    assert again.exit_code == 0 and "Traceback" not in again.output, again.output
+    redone = pydicom.dcmread(out / f"{case}_rtstruct.dcm")
+    assert (redone.SOPInstanceUID, redone.SeriesInstanceUID) == (rt.SOPInstanceUID, rt.SeriesInstanceUID)
+    assert read_sidecar(out / f"{case}.nii.gz")["exports"]["dicom_rtstruct"] == entry
+    assert_no_temp_files(out)
+
+    def refused(*args, **kwargs):
+        raise rtstruct.RtRoundTripError("rt.dcm: ROI 'liver': Dice 0.1000; no file written")
+
+    monkeypatch.setattr(rtstruct, "write_rtstruct", refused)
+    failed = _segment(
+        "-i", pacs["root"] / "P2" / "s5", "-o", out, "-m", model, "--output-type", "dicom-seg,dicom-rtstruct",
+        "--overwrite",
+    )  # fmt: skip
+    assert failed.exit_code == 1 and "Dice 0.1000" in failed.output, failed.output
+    assert [e["status"] for e in _manifest(out)][-1] == "failed-export"
+    assert (out / f"{case}.nii.gz").is_file() and "Dice 0.1000" in read_sidecar(out / f"{case}.nii.gz")[
+        "export_error"
+    ]
+    assert not (out / f"{case}_seg.dcm").exists() and not (out / f"{case}_rtstruct.dcm").exists()
+
+
 def _zip_folder(folder: Path, archive: Path) -> Path:
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
