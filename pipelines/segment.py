@@ -4,8 +4,10 @@
 Progress lines go to stdout (and a progress bar to stderr when it is a terminal); problems to stderr, one
 line each: ``warning: <file>: <text>`` (also for DICOM series skipped as not CT) and, for every case that
 failed, ``error: <file>: <cause>``. Exit 0 all done, 1 some cases failed (the others written; a case whose
-mask was written but whose DICOM SEG could not be made counts as failed), 2 the run could not start
-(missing input, unusable checkpoint or option, an output folder that cannot be written, unsafe archive),
+mask was written but whose DICOM SEG could not be made counts as failed; or a ``--send`` delivery failed:
+``error: <case>: send to <dest> failed: <cause>``), 2 the run could not start
+(missing input, unusable checkpoint or option, an output folder that cannot be written, unsafe archive, a
+DICOMweb server that cannot be used or sent something refused),
 130 / 143 stopped by SIGINT / SIGTERM (after the case being written; temporary files removed).
 """
 
@@ -18,6 +20,7 @@ from typing import Annotated
 import typer
 
 from medseg.config.segment import OutputSpec, SegmentOptions
+from medseg.network.options import NetworkOptions
 
 
 def _one_line(text: str) -> str:
@@ -26,12 +29,12 @@ def _one_line(text: str) -> str:
 
 def segment_command(
     input: Annotated[
-        Path,
+        str,
         typer.Option(
             "-i",
             "--input",
             help="NIfTI file, DICOM series folder, folder of NIfTI files and/or DICOM series (any depth), "
-            "or a .zip of these.",
+            "a .zip of these, or a DICOMweb server dicomweb+http(s)://host/path (with --study or --study-date).",
         ),
     ],
     output: Annotated[
@@ -88,7 +91,7 @@ def segment_command(
         str,
         typer.Option(
             "--output-type",
-            help="Comma-separated: nifti (always), dicom-seg | dicom-seg-labelmap (DICOM inputs), slicer (.seg.nrrd).",
+            help="Comma-separated: nifti (always), dicom-seg | dicom-seg-labelmap, dicom-rtstruct (DICOM inputs), slicer (.seg.nrrd).",
         ),
     ] = ",".join(OutputSpec.types),
     split: Annotated[
@@ -135,18 +138,52 @@ def segment_command(
             "64 GiB of NIfTI/DICOM members, compression ratio 200 for members over 16 MiB).",
         ),
     ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="DICOMweb input: the Study Instance UID whose CT series are segmented.")
+    ] = None,
+    modality: Annotated[
+        str, typer.Option(help="DICOMweb input: the series' modality.")
+    ] = NetworkOptions.modality,
+    study_date: Annotated[
+        str | None,
+        typer.Option(
+            help="DICOMweb input without --study: every series of the studies of YYYYMMDD[-YYYYMMDD]."
+        ),
+    ] = None,
+    dicomweb_limits: Annotated[
+        str | None,
+        typer.Option(
+            help="Caps on a DICOMweb input, e.g. instances=5000,series-gb=2,instance-gb=1 (these are the defaults)."
+        ),
+    ] = None,
+    send: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="After the batch, send each case's DICOM outputs (_seg.dcm, _rtstruct.dcm) to dimse://AE@HOST:PORT "
+            "or a DICOMweb root http(s)://host/path; repeatable. Recorded in deliveries.jsonl.",
+        ),
+    ] = None,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON file (chmod 600) with {"token": ...} or {"user": ..., "password": ...} for DICOMweb; '
+            "default: MEDSEG_DICOMWEB_TOKEN or MEDSEG_DICOMWEB_USER/MEDSEG_DICOMWEB_PASSWORD.",
+        ),
+    ] = None,
 ) -> None:
     """Segment CT scans; each mask has its scan's exact shape and affine, with a label-name JSON sidecar.
 
     Re-running into the same output folder skips the cases already done with the same input, checkpoints
     and options (so a killed batch continues); --overwrite redoes them. Under torchrun or a Slurm job array
-    each process does its share of the cases.
+    each process does its share of the cases. A DICOMweb input is fetched into a hidden folder of the
+    output folder, removed afterwards; --send delivers the DICOM outputs with retries (docs/network.md).
     """
     from medseg.batch.run import segment_inputs
     from medseg.batch.sharding import resolve_part
     from medseg.config import ConfigError
     from medseg.io import InputError
     from medseg.io.archive import ArchiveLimits
+    from medseg.network.plan import NetworkPlan
 
     try:
         part = resolve_part(num_parts, part_id)
@@ -170,9 +207,16 @@ def segment_command(
             uncertainty=uncertainty,
             overwrite=overwrite,
         )
-        report = segment_inputs(
-            input, output, model, how, what, part=part, log=typer.echo, progress=sys.stderr.isatty()
+        network = NetworkPlan.make(
+            NetworkOptions(
+                input, study, modality, study_date, dicomweb_limits, tuple(send or ()), credentials
+            ),
+            what.types,
         )
+        with network.input_folder(input, output, log=typer.echo) as source:
+            report = segment_inputs(
+                source, output, model, how, what, part=part, log=typer.echo, progress=sys.stderr.isatty()
+            )
     except (InputError, ConfigError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from None
@@ -199,5 +243,10 @@ def segment_command(
             else ""
         )
     )
-    if report.failed:
+    sent = network.deliver([*report.written, *report.skipped], output, log=typer.echo)
+    for case in sent.nothing:
+        typer.echo(f"warning: {case}: no DICOM output to send", err=True)
+    for line in (line for lines in sent.failed.values() for line in lines):
+        typer.echo(f"error: {_one_line(line)}", err=True)
+    if report.failed or sent.failed:
         raise typer.Exit(1)
