@@ -19,6 +19,7 @@ from .cv_summary import cv_summary_command
 from .demo import demo_command
 from .evaluate import evaluate_command
 from .export import export_command
+from .node import node_app
 from .plan import plan_command
 from .review import review_command
 from .segment import segment_command
@@ -41,6 +42,11 @@ app.command("review")(review_command)
 app.command("export")(export_command)
 app.command("plan")(plan_command)
 app.command("cv-summary")(cv_summary_command)
+app.add_typer(
+    node_app,
+    name="node",
+    help="A DICOM node: receive CT by C-STORE, segment stable series, send DICOM SEG/RTSTRUCT to a PACS.",
+)
 
 
 def _quiet() -> None:
