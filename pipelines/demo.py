@@ -91,6 +91,9 @@ def run_demo(
         f"checkpoint: {run / 'best.pt'}   curves: {run / 'curves.png'}",
         f"masks: {out / 'pred'}   metrics: {out / 'metrics.csv'}",
         f"review page: {report.review_page}",
+        "",
+        "review the cases in a browser (viewer, attention maps, verdicts, corrections):",
+        f"  medseg review {out / 'pred'} --serve",
     ]
     for line in lines:
         log(line)

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),  # a folder of predictions against a folder of references
     ("inference",),  # one volume: predictor, preprocess, sliding window, TTA, restore, postprocess
     ("batch",),  # the batch application: inputs, cases, outputs, manifest, sharding, re-export, review page
+    ("review",),  # the review server: NiiVue viewer, verdicts in SQLite, corrections → training data
     ("node",),  # the DICOM node: Storage SCP, SQLite job store, workers that run the batch core and send
     ("engine",),  # training: loop, folds, DDP, caching, validation, ablation
     ("api",),  # the public Python API (medseg.segment, ...)

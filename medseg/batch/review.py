@@ -62,13 +62,14 @@ FILE_KINDS: tuple[tuple[str, str], ...] = (
     (r"_alpha_level(\d+)\.nii\.gz", "α level {0}"),
     (r"_alpha_level(\d+)\.png", "α level {0} overlay"),
     (r"_entropy\.nii\.gz", "uncertainty"),
+    (r"_corrected\.nii\.gz", "correction"),
     (r".*\.seg\.nrrd", "3D Slicer"),
     (r".*\.dcm", "DICOM SEG"),
     (r".*(?:itksnap|label).*\.txt", "ITK-SNAP labels"),
 )
 MANIFEST = "manifest.jsonl"
 #: Files of the folder, not of a case.
-FOLDER_FILES = {"index.html", MANIFEST, "statistics.csv"}
+FOLDER_FILES = {"index.html", MANIFEST, "statistics.csv", "review.csv", "review.json", "review.jsonl"}
 _BADGES = {"error": "with errors", "warning": "with warnings", "info": "with notes only", "clean": "clean"}
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -84,6 +85,7 @@ class CaseReview:
     preview: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    verdict: str | None = None  # the reviewer's verdict and name from review.json (medseg review --serve)
 
     @property
     def severity(self) -> str | None:
@@ -200,7 +202,23 @@ def collect_cases(outdir: str | os.PathLike, config: QAConfig | None = None) -> 
         cases.append(review)
     for case, error in failed.items():
         cases.append(CaseReview(name=case, flags=[Flag("failed", "error", f"segmentation failed: {error}")]))
+    verdicts = _verdicts(outdir)
+    for review in cases:
+        review.verdict = verdicts.get(review.name)
     return sorted(cases, key=lambda c: c.name)
+
+
+def _verdicts(outdir: Path) -> dict[str, str]:
+    """case → "verdict (reviewer, time)" from ``review.json`` (written by ``medseg review --serve``)."""
+    review = _read_json(outdir / "review.json")
+    entries = review.get("cases") if isinstance(review, dict) else None
+    return {
+        str(
+            e["case"]
+        ): f"{str(e['verdict']).replace('_', ' ')} ({e.get('reviewer', '')}, {e.get('time', '')})"
+        for e in entries or []
+        if isinstance(e, dict) and e.get("case") and e.get("verdict")
+    }
 
 
 # --------------------------------------------------------------------------------------------------- HTML
@@ -288,6 +306,8 @@ def _case_row(case: CaseReview, outdir: Path) -> str:
         else '<span class="sev-clean">no flags</span>'
     )
     notes = "".join(f'<div class="muted">{_e(w)}</div>' for w in case.warnings)
+    if case.verdict:
+        notes += f'<div class="verdict">reviewed: {_e(case.verdict)}</div>'
     links = "<br>".join(f'<a href="{_href(p, outdir)}">{_e(text)}</a>' for text, p in case.files.items())
     return (
         f'<tr class="row-{severity}" data-case="{_e(case.name)}" data-severity="{severity}">'
@@ -349,7 +369,8 @@ def review_html(
 <body>
 <h1>{_e(title)}</h1>
 <p class="muted">{_e(str(outdir.resolve()))} · written {stamp} · flagged cases first ·
-<a href="#rules">flag rules</a> · <a href="#ranges">reference ranges</a></p>
+<a href="#rules">flag rules</a> · <a href="#ranges">reference ranges</a> · viewer, verdicts and
+corrections: <code>medseg review {_e(str(outdir))} --serve</code></p>
 {_summary(ordered)}
 <input type="checkbox" id="only-flagged"> <label for="only-flagged">show only cases with errors or warnings</label>
 <table class="cases">

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -332,6 +333,7 @@ class TrainConfig(_Section):
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: CUDA only)
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
+    init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)
 
     _name = "train"
     _ints = ("epochs", "iters_per_epoch", "val_every", "seed")
@@ -350,6 +352,12 @@ class TrainConfig(_Section):
             self._set("max_minutes", _number("train.max_minutes", self.max_minutes, float))
         if not isinstance(self.progress, bool):
             raise ConfigError(f"train.progress: expected true or false, got {self.progress!r}")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str | os.PathLike) or not str(self.init_from).strip():
+                raise ConfigError(
+                    f"train.init_from: expected a checkpoint path (best.pt), got {self.init_from!r}"
+                )
+            self._set("init_from", str(self.init_from))
 
 
 @dataclass(frozen=True)

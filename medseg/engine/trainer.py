@@ -13,6 +13,8 @@ One function, :func:`train`, driven by a resolved config (see :mod:`medseg.confi
   check that runs before anything else (:func:`medseg.data.check.require_trainable_dataset`: headers, then
   every label file's values), so a resumed run or another fold does not read them again.
 
+``train.init_from`` starts from another run's weights and plan (fine-tuning, :mod:`.finetune`).
+
 ``fold=K`` trains fold K of a cross-validation run into ``train.output/fold_K`` (:mod:`.folds`). Under
 torchrun the same function trains data-parallel, rank 0 writing (:mod:`.distributed`).
 
@@ -49,6 +51,7 @@ from medseg.data.voxels import LABEL_SCAN_NAME, write_label_scan
 from medseg.engine.caching import build_dataset, describe_cache, named_errors
 from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
+from medseg.engine.finetune import initial_checkpoint, load_initial_weights
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
 from medseg.engine.step import train_step, training_precision
 from medseg.engine.validation import ValidationCases, validate
@@ -167,7 +170,11 @@ def _train(
     cases = training_cases(root)
     channels = input_channels(meta, root)
 
+    init = initial_checkpoint(tcfg.init_from, names) if tcfg.init_from else None  # fine-tuning
+
     def make(plan_cases: list[dict]) -> Plan:  # a plan file is checked here, before anything is written
+        if init is not None and plan_path is None:
+            return init[1]  # fine-tuning keeps the plan the weights were trained with
         return resolve_plan(cfg, plan_cases, names, channels, plan_path, log)
 
     if fold is None:
@@ -199,7 +206,11 @@ def _train(
 
     num_classes = len(names)
     model = build_network(cfg.model, plan.in_channels, num_classes, plan.pool_kernels)
-    init_class_prior(model, list(plan.class_fractions()), num_classes)
+    if init is not None and ckpt is None:
+        load_initial_weights(model, init[0], tcfg.init_from)
+        log(f"fine-tuning from {tcfg.init_from} (its weights and plan; fresh optimizer, epoch 1)")
+    else:
+        init_class_prior(model, list(plan.class_fractions()), num_classes)
     model, net = replicas.wrap(model.to(device), cfg.model.norm)  # net: DDP under torchrun
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
