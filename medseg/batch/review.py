@@ -64,6 +64,7 @@ FILE_KINDS: tuple[tuple[str, str], ...] = (
     (r"_entropy\.nii\.gz", "uncertainty"),
     (r"_corrected\.nii\.gz", "correction"),
     (r".*\.seg\.nrrd", "3D Slicer"),
+    (r"_rtstruct\.dcm", "RT Structure Set"),
     (r".*\.dcm", "DICOM SEG"),
     (r".*(?:itksnap|label).*\.txt", "ITK-SNAP labels"),
 )
