@@ -52,6 +52,7 @@ def load_model(
     precision: str = "auto",
     tta: bool = False,
     postprocess: str | Mapping[Any, Any] = "auto",
+    backend: str = "auto",
 ) -> Predictor:
     """Load checkpoints once, for many :func:`segment` calls — whatever ``medseg segment -m`` accepts: a
     ``best.pt``, a run folder (its ``best.pt``), a cross-validation folder (every ``fold_K/best.pt``, averaged)
@@ -63,6 +64,9 @@ def load_model(
             ``bf16`` | ``fp16`` (CUDA).
         tta: test-time mirroring.
         postprocess: ``auto`` (the rules recorded in the checkpoint), ``none``, or ``{label: rule}``.
+        backend: ``auto`` (OpenVINO on the CPU when installed, except ``precision="fp32"``: PyTorch's exact
+            path) | ``torch`` | ``openvino`` (:func:`medseg.inference.backends.resolve_backend`).
+            :func:`segment` takes no ``backend`` of its own: pass it a model loaded with one.
 
     Returns:
         A :class:`medseg.inference.Predictor` (``.label_names``: name → label value; ``.plan``).
@@ -74,13 +78,15 @@ def load_model(
     Raises:
         TypeError: ``model`` is not one of :data:`MODEL_TYPES`.
         ValueError: a missing or unusable checkpoint (:class:`medseg.io.InputError`, naming the file), an
-            unknown device, precision or postprocess mode.
+            unknown device, precision, backend or postprocess mode.
     """
     from medseg.batch.inputs import resolve_checkpoints
+    from medseg.config.segment import SegmentOptions
     from medseg.inference.predictor import Predictor
 
     return Predictor(
         resolve_checkpoints(_checkpoint_paths(model)),
+        SegmentOptions(backend=backend),
         device=device,
         precision=precision,
         tta=tta,
@@ -327,6 +333,8 @@ def _predictor(model: Any, device: str, precision: str, tta: bool, postprocess: 
         differ.append(f"device {device!r} (loaded on {model.device})")
     if precision not in ("auto", None, model.precision):
         differ.append(f"precision {precision!r} (loaded with {model.precision})")
+    elif precision == "fp32" and model.backend != "torch":  # fp32 by name is PyTorch's exact path
+        differ.append(f"precision 'fp32' (loaded on the {model.backend} back end)")
     if tta and not model.tta:
         differ.append("tta=True (loaded without)")
     if not (isinstance(postprocess, str) and postprocess == "auto"):

@@ -6,6 +6,7 @@ Importing this module does not import torch, so a config naming a device can be 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +58,10 @@ def device_memory_gb(name: str, fallback_gb: float) -> tuple[float, str]:
     return props.total_memory / 1e9, f"CUDA device {device.index or 0} ({props.name})"
 
 
+#: ``backend`` values besides ``auto`` (:func:`medseg.inference.backends.resolve_backend`): PyTorch eager, or an
+#: OpenVINO compiled model of the network (CPU only; the ``openvino`` extra).
+BACKENDS = ("torch", "openvino")
+
 #: ``precision`` values besides ``auto``: float32, bfloat16 autocast (CPU and CUDA), float16 autocast (CUDA).
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -76,15 +81,24 @@ class Precision:
         return self.dtype is torch.float16
 
 
+#: ``ONEDNN_MAX_CPU_ISA`` values that stop oneDNN below its bfloat16 instructions (oneDNN's "CPU dispatcher
+#: control" names): with one of these set, bf16 is emulated, not native (:func:`cpu_has_native_bf16`).
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bfloat16 natively — AVX-512-BF16 (``VDPBF16PS``: AMD Zen 4, Intel Cooper
     Lake) or AMX tiles (Intel Sapphire Rapids and newer) — as PyTorch's CPU feature probes report
     (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``; the ``/proc/cpuinfo`` flags where
     those probes are missing). ``torch.backends.cpu.get_cpu_capability()`` is not enough: it says ``AVX512``
     for every AVX-512 CPU, and without the bf16 instructions oneDNN converts bf16 to float32 around every
-    kernel, which is slower than staying in float32."""
+    kernel, which is slower than staying in float32. False too when ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below its
+    bf16 instructions (:data:`ISAS_WITHOUT_BF16`, e.g. ``AVX2`` to stand in for an AVX2-only CPU): the
+    convolutions then cannot use them either."""
     import torch
 
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+        return False
     probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(probe is not None for probe in probes):
         return any(bool(probe()) for probe in probes)

@@ -19,6 +19,7 @@ from .cv_summary import cv_summary_command
 from .demo import demo_command
 from .evaluate import evaluate_command
 from .export import export_command
+from .export_model import export_model_command
 from .node import node_app
 from .plan import plan_command
 from .review import review_command
@@ -40,6 +41,7 @@ app.command("ablate")(ablate_command)
 app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
 app.command("export")(export_command)
+app.command("export-model")(export_model_command)
 app.command("plan")(plan_command)
 app.command("cv-summary")(cv_summary_command)
 app.add_typer(

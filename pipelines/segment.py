@@ -66,6 +66,13 @@ def segment_command(
             "fp32 (exact) | bf16 | fp16 (CUDA).",
         ),
     ] = SegmentOptions.precision,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Network runtime: auto (OpenVINO on the CPU when installed, except --precision fp32) | torch | "
+            "openvino."
+        ),
+    ] = SegmentOptions.backend,
     postprocess: Annotated[
         str, typer.Option(help="auto (the checkpoint's per-label component rules) | none.")
     ] = SegmentOptions.postprocess,
@@ -193,6 +200,7 @@ def segment_command(
             sw_batch_size=sw_batch_size,
             tta=tta,
             precision=precision,
+            backend=backend,
             postprocess=postprocess,
             prefetch=prefetch,
             profile=profile,

@@ -134,12 +134,14 @@ def _jsonable(mode: str | Mapping) -> str | dict:
 def run_identity(predictor: Predictor, options: SegmentOptions, outputs: OutputSpec) -> dict:
     """What every case's sidecar records of the model and options, beside its input's stamp: a complete case
     is skipped only when all of it matches (:func:`medseg.batch.outputs.is_complete`). Values as the
-    predictor resolved them (overlap from the checkpoint, precision ``auto`` → fp32 | bf16 | fp16)."""
+    predictor resolved them (overlap from the checkpoint, precision ``auto`` → fp32 | bf16 | fp16, backend
+    ``auto`` → torch | openvino)."""
     return {
         "checkpoint_sha256": list(predictor.checkpoint_sha256),
         "overlap": predictor.overlap,
         "tta": bool(options.tta),
         "precision": predictor.precision,
+        "backend": predictor.backend,
         "postprocess": _jsonable(options.postprocess),
         "output_types": list(outputs.types),
         "split": outputs.split,

@@ -49,12 +49,20 @@ def read_sidecar(mask_path: Path) -> dict | None:
     return side if isinstance(side, dict) else None
 
 
+#: Identity keys added after sidecars were first written, and the value a sidecar without them stands for:
+#: every mask written before the back end was recorded came from PyTorch.
+RECORDED_LATER = {"backend": "torch"}
+
+
 def is_complete(mask_path: Path, identity: dict) -> bool:
-    """Whether ``mask_path`` exists and its sidecar records exactly ``identity`` (see the module docstring)."""
+    """Whether ``mask_path`` exists and its sidecar records exactly ``identity`` (see the module docstring); a key
+    of :data:`RECORDED_LATER` missing from an older sidecar counts as its value there."""
     if not mask_path.is_file():
         return False
     side = read_sidecar(mask_path)
-    return side is not None and all(side.get(key) == value for key, value in identity.items())
+    if side is None:
+        return False
+    return all(side.get(key, RECORDED_LATER.get(key)) == value for key, value in identity.items())
 
 
 def dicom_block(case: CaseSource) -> dict:

@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from medseg.config.schema import ConfigError
-from medseg.device import DEVICE_CHOICES, PRECISIONS, is_device_name
+from medseg.device import BACKENDS, DEVICE_CHOICES, PRECISIONS, is_device_name
 
 if TYPE_CHECKING:
     from medseg.io.archive import ArchiveLimits
@@ -85,6 +85,9 @@ class SegmentOptions:
         precision: ``auto`` or one of :data:`medseg.device.PRECISIONS`; ``auto`` is bf16 where the CPU or GPU
             computes it natively, else fp32 on the CPU and fp16 on CUDA
             (:func:`medseg.device.resolve_precision`).
+        backend: ``auto`` or one of :data:`medseg.device.BACKENDS`: what runs the network on the windows
+            (:func:`medseg.inference.backends.resolve_backend`; ``auto`` is OpenVINO on the CPU when it is
+            installed, except for ``precision="fp32"``, which stays PyTorch's exact path).
         postprocess: ``auto`` (the checkpoint's per-label component rules), ``none``, or from Python a
             mapping ``label → ComponentRule | {"largest_only", "min_ml"}`` (kept read-only).
         prefetch: :data:`PREFETCH`.
@@ -101,6 +104,7 @@ class SegmentOptions:
     sw_batch_size: int | None = None
     tta: bool = False
     precision: str = "auto"
+    backend: str = "auto"
     postprocess: str | Mapping[Any, Any] = "auto"
     prefetch: int = 1
     profile: bool = False
@@ -118,6 +122,10 @@ class SegmentOptions:
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(
                 f"--precision {self.precision!r} is not valid; valid values: auto, {', '.join(PRECISIONS)}"
+            )
+        if self.backend not in ("auto", *BACKENDS):
+            raise ConfigError(
+                f"--backend {self.backend!r} is not valid; valid values: auto, {', '.join(BACKENDS)}"
             )
         if isinstance(self.postprocess, Mapping):
             _set(self, "postprocess", MappingProxyType(dict(self.postprocess)))

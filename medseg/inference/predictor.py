@@ -60,8 +60,8 @@ from medseg.config import Config, InferConfig
 from medseg.config.segment import SegmentOptions
 from medseg.device import PRECISIONS as PRECISIONS
 from medseg.device import resolve_device, resolve_precision
+from medseg.inference.backends import resolve_backend, window_networks
 from medseg.inference.ensemble import check_single_channel
-from medseg.inference.fast import prepare_network
 from medseg.inference.loading import LoadedCheckpoints, load_checkpoints
 from medseg.inference.loading import model_from_checkpoint as model_from_checkpoint
 from medseg.inference.loading import state_dict_differences as state_dict_differences
@@ -93,6 +93,7 @@ class Prediction:
 
     ``info`` describes how it was made: ``checkpoints`` (paths; ``[]`` for a network given in memory),
     ``tta_flips`` (model-space axes of each mirrored pass, ``[[]]`` without mirroring), ``precision``,
+    ``backend`` (``torch`` | ``openvino``),
     ``model_grid`` (shape after preprocessing), ``postprocess`` (per label name: ``label``, ``largest_only``,
     ``min_ml``, ``removed_voxels``), ``mean_entropy`` (per label name: the mean normalised softmax entropy
     inside the label, see :meth:`Predictor.predict`), ``seconds`` per stage (read, preprocess, network,
@@ -141,7 +142,8 @@ class Predictor:
             ``overlap`` and ``sw_batch_size`` (None: the (first) checkpoint's config), ``tta`` (test-time
             mirroring, :mod:`medseg.inference.tta`: flips the plan's ``mirror_axes`` allow, and the sagittal
             flip when the label names give a left/right swap table), ``precision`` (``auto`` | ``fp32`` |
-            ``bf16`` | ``fp16``, :func:`medseg.device.resolve_precision`) and ``postprocess`` (``auto``: the
+            ``bf16`` | ``fp16``, :func:`medseg.device.resolve_precision`), ``backend`` (``auto`` | ``torch`` |
+            ``openvino``, :func:`medseg.inference.backends.resolve_backend`) and ``postprocess`` (``auto``: the
             rules recorded in the first checkpoint, none if it has none; ``none``; or a mapping ``label
             (index or name) → ComponentRule or {"largest_only", "min_ml"}``).
         device, precision, tta, postprocess: shorthands that replace that field of ``options``
@@ -253,7 +255,17 @@ class Predictor:
         self.transforms = infer_transforms(self.plan, load=False)
         resolved = resolve_precision(options.precision, self.device)
         self.autocast, self.precision = resolved.dtype, resolved.name
-        self.networks = [prepare_network(m, self.device, self.autocast) for m in self.models]
+        self.backend = resolve_backend(options.backend, self.device, options.precision, not loaded.paths)
+        self.networks = window_networks(
+            self.backend,
+            self.models,
+            loaded.paths,
+            loaded.sha256,
+            self.roi_sizes,
+            self.sw_batch_size,
+            (resolved.name, resolved.dtype),
+            self.plan.in_channels,
+        )
         self.tta = bool(options.tta)
         self.uncertainty = bool(uncertainty)
         self.lr_axis = sagittal_axis(self.plan.orientation)
@@ -413,6 +425,7 @@ class Predictor:
             "checkpoints": [str(p) for p in self.checkpoints],
             "tta_flips": [list(f) for f in self.flips],
             "precision": self.precision,
+            "backend": self.backend,
             "model_grid": [int(n) for n in image.shape[1:]],
         }
         if self.tta_note:

@@ -15,6 +15,7 @@ import torch
 
 import medseg.device
 from medseg.config import checkpoint_config
+from medseg.config.segment import SegmentOptions
 from medseg.data.phantoms import generate_phantom
 from medseg.engine.step import training_precision
 from medseg.engine.validation import ValidationCases, decide_postprocessing, validation_predictor
@@ -41,7 +42,19 @@ def validation(segmenting_run, tiny_dataset, tmp_path_factory) -> dict:
     masks = {}
     for mode in ("none", "auto"):
         out = tmp_path_factory.mktemp(f"validation_{mode}")
-        result = run_cli("segment", "-i", scans, "-o", out, "-m", segmenting_run, "--postprocess", mode)
+        result = run_cli(
+            "segment",
+            "-i",
+            scans,
+            "-o",
+            out,
+            "-m",
+            segmenting_run,
+            "--postprocess",
+            mode,
+            "--backend",
+            "torch",
+        )
         assert result.code == 0, result.output
         masks[mode] = {c: np.asanyarray(nib.load(out / f"{c}.nii.gz").dataobj) for c in scores["cases"]}
     refs = {
@@ -100,7 +113,9 @@ def lps_scan(tmp_path_factory) -> Path:
 
 def test_a_network_in_memory_predicts_as_its_checkpoint(segmenting_run, lps_scan):
     ckpt = load_checkpoint(segmenting_run / "best.pt")
-    from_file = Predictor(segmenting_run / "best.pt", device="cpu", postprocess="none")
+    from_file = Predictor(
+        segmenting_run / "best.pt", SegmentOptions(backend="torch"), device="cpu", postprocess="none"
+    )
     in_memory = Predictor.from_network(
         model_from_checkpoint(ckpt, CPU), ckpt["plan"], ckpt["labels"], device="cpu",
         config=checkpoint_config(ckpt),
