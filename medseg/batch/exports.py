@@ -23,13 +23,29 @@ every ``<case>.nii.gz`` with names and colours.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 
 from medseg.batch.inputs import CaseSource
-from medseg.inference.predictor import Prediction
 from medseg.io import atomic_path, case_name, save_like
+
+if TYPE_CHECKING:  # the type only: importing the predictor loads torch and MONAI (~2 s), which
+    from medseg.inference.predictor import Prediction  # `medseg export` never needs
+
+
+@dataclass(frozen=True)
+class MaskOnGrid:
+    """What the viewer files are made from: a label map, the image whose grid it is on, the label names —
+    a :class:`~medseg.inference.predictor.Prediction` of this run, or a mask read back by ``medseg export``."""
+
+    labels: np.ndarray
+    reference: nib.Nifti1Image
+    label_names: dict[str, int]
+
 
 ITKSNAP_LABELS = "itksnap_labels.txt"
 
@@ -37,7 +53,7 @@ ITKSNAP_LABELS = "itksnap_labels.txt"
 def write_case_exports(
     case: CaseSource,
     dst: Path,
-    pred: Prediction,
+    pred: Prediction | MaskOnGrid,
     output_types: tuple[str, ...],
     split: bool,
     checkpoint: Path,
@@ -103,7 +119,7 @@ def write_case_exports(
 
 
 def _write_rtstruct(
-    case: CaseSource, dst: Path, pred: Prediction, checkpoint: Path, checkpoint_sha256: str
+    case: CaseSource, dst: Path, pred: Prediction | MaskOnGrid, checkpoint: Path, checkpoint_sha256: str
 ) -> tuple[dict, list[str]]:
     """``<case>_rtstruct.dcm`` and its sidecar entry (ROIs, omitted labels, UIDs, measured round trip)."""
     from medseg.export.rtstruct import RtOptions, write_rtstruct

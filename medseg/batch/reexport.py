@@ -37,13 +37,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.batch.exports import ITKSNAP_LABELS, write_case_exports, write_folder_exports
+from medseg.batch.exports import ITKSNAP_LABELS, MaskOnGrid, write_case_exports, write_folder_exports
 from medseg.batch.inputs import CaseSource, remove_stale_extractions
 from medseg.batch.outputs import sidecar_path
 from medseg.batch.recorded_series import open_recorded_series
 from medseg.batch.sidecar import load_sidecar
 from medseg.config.segment import ExportOptions
-from medseg.inference.predictor import Prediction
 from medseg.io import InputError, atomic_write_text, case_name
 from medseg.io.atomic import TEMP_PREFIX, check_writable, no_space, remove_stale_temps
 
@@ -169,5 +168,5 @@ def _export_case(
         case = CaseSource(name=case_name(mask), kind="nifti", path=Path(str(side.get("source", mask))))
     checkpoints = side.get("checkpoints") or ["unknown"]
     hashes = side.get("checkpoint_sha256") or [""]
-    pred = Prediction(labels=labels, reference=img, label_names=names)
+    pred = MaskOnGrid(labels=labels, reference=img, label_names=names)
     return write_case_exports(case, mask, pred, types, split, Path(checkpoints[0]), str(hashes[0]))
