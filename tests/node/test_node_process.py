@@ -122,7 +122,9 @@ def test_kill_9_then_restart_delivers_each_output_exactly_once(tmp_path, segment
             wait_for(lambda: "running" in dict(job_states(workdir)).values(), what="a job running")
             nodes[0].kill()
         else:
+            # the SEG has reached the PACS, whose answer is held back: the node dies before the acknowledgement
             wait_for(lambda: "sending" in delivery_states(workdir), what="a delivery in flight")
+            wait_for(lambda: sum(pacs.arrivals.values()) == 1, what="the SEG at the PACS, unanswered")
             nodes[0].kill()
         assert nodes[0].proc.returncode == -signal.SIGKILL
         pacs.delay_s = 0.0
