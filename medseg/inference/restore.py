@@ -127,6 +127,106 @@ def _argmax(values: torch.Tensor) -> np.ndarray:
     return torch.max(values, dim=0).indices.numpy().astype(np.uint8)
 
 
+#: Marks a destination voxel whose eight model-grid corners do not all carry the same label (:func:`_cell_labels`).
+MIXED = 255
+
+
+def _axis_corners(scale: float, offset: float, n_dst: int, n_src: int) -> tuple[np.ndarray, ...]:
+    """Per destination index along one axis: the two source indices trilinear interpolation reads (``lo`` and
+    ``hi``, equal where the coordinate is a voxel centre within :data:`SNAP`), the weight ``frac`` of ``lo + 1``,
+    whether both indices lie on the source and whether neither does (as :func:`interpolation_matrix` reads
+    them: every weight then falls outside, so every probability is 0 and the label is background)."""
+    coords = scale * np.arange(n_dst, dtype=np.float64) + offset
+    nearest = np.rint(coords)
+    coords = np.where(np.abs(coords - nearest) < SNAP, nearest, coords)
+    lo = np.floor(coords).astype(np.int64)
+    frac = coords - lo
+    hi = lo + (frac > 0)
+    return lo, hi, frac, (lo >= 0) & (hi < n_src), (hi < 0) | (lo >= n_src)
+
+
+def _cell_labels(labels: np.ndarray, corners: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+    """The label every corner of each destination voxel's interpolation cell carries, or :data:`MIXED`.
+
+    Separable, one axis at a time on ``uint8`` labels: pick the ``lo`` and ``hi`` planes along the axis and keep
+    the value where they agree, :data:`MIXED` where they differ or leave the source. After the three axes a
+    value other than :data:`MIXED` means all eight corners agree (the last axis first: it shrinks the data most).
+    A voxel whose corners all lie beyond the source along some axis is background (0) outright.
+    """
+    out = labels
+    for axis in (2, 0, 1):
+        lo, hi, _, inside, beyond = corners[axis]
+        n = out.shape[axis]
+        a = np.take(out, np.clip(lo, 0, n - 1), axis=axis)
+        b = np.take(out, np.clip(hi, 0, n - 1), axis=axis)
+        a[a != b] = MIXED
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        np.putmask(a, ~np.broadcast_to(inside.reshape(shape), a.shape), MIXED)
+        np.putmask(a, np.broadcast_to(beyond.reshape(shape), a.shape), 0)
+        out = a
+    return out
+
+
+def _interpolate_at(
+    rows: np.ndarray,
+    shape: Sequence[int],
+    index: tuple[np.ndarray, ...],
+    corners: list[tuple[np.ndarray, ...]],
+) -> np.ndarray:
+    """Trilinear interpolation (float64, zero padding) at the destination voxels ``index`` (three index arrays)
+    of the probabilities ``rows`` — ``(X * Y * Z, K)``, one row of ``K`` classes per model-grid voxel, so each
+    corner is one contiguous read — then the first-maximum argmax: the label :func:`separable_resample` gives.
+    """
+    picks = []
+    for axis, i in enumerate(index):
+        lo, _, frac, *_ = corners[axis]
+        base, f = lo[i], frac[i]
+        picks.append(
+            [(base + d, w, (base + d >= 0) & (base + d < shape[axis])) for d, w in ((0, 1 - f), (1, f))]
+        )
+    acc = np.zeros((len(index[0]), rows.shape[1]), dtype=np.float64)
+    for ix, wx, inx in picks[0]:
+        for iy, wy, iny in picks[1]:
+            wxy, inxy = wx * wy, inx & iny
+            flat_xy = (np.clip(ix, 0, shape[0] - 1) * shape[1] + np.clip(iy, 0, shape[1] - 1)) * shape[2]
+            for iz, wz, inz in picks[2]:
+                weight = np.where(inxy & inz, wxy * wz, 0.0)
+                acc += np.take(rows, flat_xy + np.clip(iz, 0, shape[2] - 1), axis=0) * weight[:, None]
+    return np.argmax(acc, axis=1).astype(np.uint8)
+
+
+def restore_labels_by_cells(
+    probabilities: torch.Tensor,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    dst_shape: Sequence[int],
+    chunk: int = 2**20,
+) -> np.ndarray:
+    """Argmax labels of the trilinear resampling, computed only where the argmax can change.
+
+    If the eight model-grid voxels that trilinear interpolation reads for a destination voxel all have argmax
+    ``k``, the interpolated probabilities — a convex combination of theirs — have argmax ``k`` too (``p_k ≥ p_j``
+    at every corner holds for any weighted mean; strict inequalities for ``j < k``, the first-maximum rule, stay
+    strict). So the label map is the model grid's argmax carried over (:func:`_cell_labels`, ``uint8``
+    gathers), and the probabilities are interpolated only at the voxels whose corners disagree — organ borders
+    and the model grid's edge — :data:`chunk` at a time (:func:`_interpolate_at`). Same labels as
+    :func:`separable_resample` followed by the argmax, up to ties at float round-off; a fraction of its time
+    (``docs/speed.md``, section ``medseg.inference.restore``).
+    """
+    values = probabilities.detach().cpu().contiguous()
+    dst_shape = tuple(int(s) for s in dst_shape)
+    corners = [_axis_corners(scale[a], offset[a], dst_shape[a], values.shape[1 + a]) for a in range(3)]
+    labels = _cell_labels(_argmax(values), corners)
+    mixed = np.nonzero(labels == MIXED)
+    if len(mixed[0]):
+        rows = values.permute(1, 2, 3, 0).contiguous().numpy().reshape(-1, values.shape[0])
+        for start in range(0, len(mixed[0]), chunk):
+            index = tuple(m[start : start + chunk] for m in mixed)
+            labels[index] = _interpolate_at(rows, values.shape[1:], index, corners)
+    return labels
+
+
 def restore_labels(
     probabilities: torch.Tensor,
     src_affine: np.ndarray | torch.Tensor,
@@ -134,6 +234,7 @@ def restore_labels(
     dst_shape: Sequence[int],
     slab_voxels: int = SLAB_VOXELS,
     separable: bool = True,
+    cells: bool = True,
 ) -> np.ndarray:
     """Argmax labels ``uint8`` of shape ``dst_shape`` (Fortran order, like nibabel's arrays) on the input grid.
 
@@ -144,6 +245,8 @@ def restore_labels(
         slab_voxels: input voxels per slab (memory / call-overhead trade-off; the result does not depend on it).
         separable: use :func:`separable_resample` when the grids are an axis zoom of each other (module
             docstring); False always uses MONAI's resampler.
+        cells: for an axis zoom, interpolate only where the corners' labels disagree
+            (:func:`restore_labels_by_cells`, the same labels); False resamples every voxel, slab by slab.
     """
     if probabilities.shape[0] > 256:
         raise ValueError(f"{probabilities.shape[0]} classes do not fit a uint8 label map")
@@ -156,6 +259,10 @@ def restore_labels(
     box = source_window(dst_affine, dst_shape, src_affine, values.shape[1:])
     box_affine = dst_affine @ translation([b.start for b in box])
     box_shape = tuple(b.stop - b.start for b in box)
+    zoom = axis_zoom(src_affine, box_affine) if cells and separable and values.shape[0] < MIXED else None
+    if zoom is not None:
+        out[box] = restore_labels_by_cells(values, *zoom, box_shape)
+        return out
     target = out[box]
     for k0, k1, window, window_affine, slab_affine in slabs(
         src_affine, values.shape[1:], box_affine, box_shape, slab_voxels

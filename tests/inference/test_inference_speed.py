@@ -338,3 +338,44 @@ def test_timed_child_reports_its_own_peak_and_output(tmp_path):
     with pytest.raises(SystemExit, match="exit 3"):
         timed_child([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "c.log")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.log", "b.log", "c.log"]  # no .maxrss left
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+@pytest.mark.parametrize("classes", [2, 7])
+def test_restore_by_cells_equals_resampling_every_voxel(orientation, classes):
+    """Interpolating only where the eight corners' labels disagree gives the label map of resampling every
+    voxel (the separable sampler, slab by slab), everywhere: inside, at organ borders and beyond the model
+    grid; and it did skip most voxels (the point of it)."""
+    import medseg.inference.restore as restore
+
+    oblique = _padded(orientation, ((14, 9), (11, 13), (4, 5)), seed=11)
+    sign = -1.0 if orientation == "LPS" else 1.0
+    ref = nib.Nifti1Image(np.asarray(oblique.dataobj), np.diag([sign * 0.7, sign * 0.9, 2.9, 1.0]))
+    image = preprocess(ref, infer_transforms(PLAN, load=False))
+    logits = torch.randn((classes, *image.shape[1:]), generator=torch.Generator().manual_seed(5)) * 4
+    probs = torch.softmax(torch.nn.functional.avg_pool3d(logits[None], 5, 1, 2)[0], 0)
+    by_cells = restore.restore_labels(probs, image.affine, ref.affine, ref.shape)
+    every = restore.restore_labels(probs, image.affine, ref.affine, ref.shape, slab_voxels=3000, cells=False)
+    assert len(np.unique(by_cells)) == classes and np.array_equal(by_cells, every)
+    zoom = restore.axis_zoom(np.asarray(image.affine), ref.affine)
+    corners = [
+        restore._axis_corners(zoom[0][a], zoom[1][a], ref.shape[a], probs.shape[1 + a]) for a in range(3)
+    ]
+    mixed = restore._cell_labels(restore._argmax(probs), corners) == restore.MIXED
+    assert 0 < mixed.mean() < 0.5
+
+
+def test_restore_by_cells_in_chunks_and_for_one_class_everywhere():
+    import medseg.inference.restore as restore
+
+    probs = torch.softmax(torch.randn((3, 9, 8, 7), generator=torch.Generator().manual_seed(2)) * 3, 0)
+    scale, offset = np.array([0.45, 0.6, 1.0]), np.array([-0.7, 0.2, -1.0])
+    whole = restore.restore_labels_by_cells(probs, scale, offset, (24, 15, 9))
+    assert np.array_equal(whole, restore.restore_labels_by_cells(probs, scale, offset, (24, 15, 9), chunk=7))
+    resampled = restore.separable_resample(probs, scale, offset, (24, 15, 9))
+    assert np.array_equal(whole, restore._argmax(resampled))
+    assert not whole[:, :, 0].any()  # the slice at z = -1 lies beyond the model grid: background
+    one = torch.zeros((3, 9, 8, 7))
+    one[1] = 1.0
+    labels = restore.restore_labels_by_cells(one, scale, offset, (24, 15, 9))
+    assert set(np.unique(labels[:, :, 1:])) == {1} or set(np.unique(labels[:, :, 1:])) == {0, 1}
