@@ -72,6 +72,7 @@ from medseg.inference.prepared import peak_rss_gb as peak_rss_gb
 from medseg.inference.preprocess import preprocess
 from medseg.inference.restore import restore_labels
 from medseg.inference.rules import clean_labels, component_rules
+from medseg.inference.skipping import ConstantWindows
 from medseg.inference.sliding import (
     CPU_STITCHING_WARNING,
     SlidingWindow,
@@ -266,6 +267,7 @@ class Predictor:
             (resolved.name, resolved.dtype),
             self.plan.in_channels,
         )
+        self.networks = [ConstantWindows(n) for n in self.networks]  # medseg.inference.skipping
         self.tta = bool(options.tta)
         self.uncertainty = bool(uncertainty)
         self.lr_axis = sagittal_axis(self.plan.orientation)
@@ -321,6 +323,7 @@ class Predictor:
 
         passes = [single(n, r) for n, r in zip(self.networks, self.roi_sizes, strict=True)]
         probs = average_probabilities(image.as_tensor(), passes, self.flips, self.swap, self.lr_axis)
+        self.windows_skipped = sum(n.take_count() for n in self.networks)
         return probs, warnings
 
     def probabilities(self, image: MetaTensor) -> torch.Tensor:
@@ -434,6 +437,7 @@ class Predictor:
         if min(image.shape[1:]) == 0:
             return self._no_body(reference, shape, info, stages, probabilities)
         probs, warnings = self._average(image)
+        info["windows_skipped"] = self.windows_skipped
         model_affine = image.affine
         del image
         stages.done("network")
