@@ -176,7 +176,8 @@ def _interpolate_at(
 ) -> np.ndarray:
     """Trilinear interpolation (float64, zero padding) at the destination voxels ``index`` (three index arrays)
     of the probabilities ``rows`` — ``(X * Y * Z, K)``, one row of ``K`` classes per model-grid voxel, so each
-    corner is one contiguous read — then the first-maximum argmax: the label :func:`separable_resample` gives.
+    corner is one contiguous read — rounded to float32 as :func:`separable_resample`'s output is, then the
+    first-maximum argmax: the label that resampling every voxel gives.
     """
     picks = []
     for axis, i in enumerate(index):
@@ -193,7 +194,8 @@ def _interpolate_at(
             for iz, wz, inz in picks[2]:
                 weight = np.where(inxy & inz, wxy * wz, 0.0)
                 acc += np.take(rows, flat_xy + np.clip(iz, 0, shape[2] - 1), axis=0) * weight[:, None]
-    return np.argmax(acc, axis=1).astype(np.uint8)
+    # float32 before the argmax, as the resampled probabilities are (a near-tie then resolves the same way)
+    return np.argmax(acc.astype(np.float32), axis=1).astype(np.uint8)
 
 
 def restore_labels_by_cells(
