@@ -64,6 +64,9 @@ BACKENDS = ("torch", "openvino")
 
 #: ``precision`` values besides ``auto``: float32, bfloat16 autocast (CPU and CUDA), float16 autocast (CUDA).
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: What inference adds: ``int8``, the network post-training quantized by NNCF and run by OpenVINO on the CPU
+#: (:mod:`medseg.inference.quantize`); the stitching, softmax and restore stay float32.
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 
 @dataclass(frozen=True)

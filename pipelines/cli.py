@@ -20,8 +20,10 @@ from .demo import demo_command
 from .evaluate import evaluate_command
 from .export import export_command
 from .export_model import export_model_command
+from .models import models_command
 from .node import node_app
 from .plan import plan_command
+from .quantize import quantize_command
 from .review import review_command
 from .segment import segment_command
 
@@ -42,8 +44,10 @@ app.command("check-dataset")(check_dataset_command)
 app.command("review")(review_command)
 app.command("export")(export_command)
 app.command("export-model")(export_model_command)
+app.command("quantize")(quantize_command)
 app.command("plan")(plan_command)
 app.command("cv-summary")(cv_summary_command)
+app.command("models")(models_command)
 app.add_typer(
     node_app,
     name="node",
@@ -171,6 +175,21 @@ def _interrupt(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def repeat_folds(args: list[str]) -> list[str]:
+    """``--folds 0 1 all`` (nnU-Net's spelling) → ``--folds 0 --folds 1 --folds all``: a Typer option takes one
+    value per flag."""
+    out: list[str] = []
+    folding = False
+    for arg in args:
+        if folding and (arg.isdigit() or arg == "all"):
+            out += ["--folds", arg]
+            continue
+        folding = arg == "--folds"
+        if not folding:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``medseg`` console command: run ``app``, then leave without Python's interpreter teardown.
 
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _interrupt)
     try:
-        app(sys.argv[1:] if argv is None else argv)
+        app(repeat_folds(sys.argv[1:] if argv is None else argv))
         code: int | str | None = 0
     except SystemExit as exc:
         code = exc.code

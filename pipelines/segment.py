@@ -46,9 +46,21 @@ def segment_command(
             "-m",
             "--model",
             help="Checkpoint (best.pt), or a folder of folds (fold_*/best.pt) or of *.pt; repeat for an "
-            "ensemble.",
+            "ensemble. Or an nnU-Net v2 model folder (plans.json, dataset.json, fold_*/checkpoint_final.pth).",
         ),
     ],
+    folds: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="nnU-Net v2 model folder: the folds to average (0 1 … or all; default: every fold)."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="nnU-Net v2 model folder: the file in each fold_*/ (default checkpoint_final.pth)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = SegmentOptions.device,
     overlap: Annotated[
         float | None, typer.Option(help="Sliding-window overlap (default: from checkpoint).")
@@ -62,8 +74,9 @@ def segment_command(
     precision: Annotated[
         str,
         typer.Option(
-            help="auto (bf16 where the CPU or GPU computes it natively, else fp32 on CPU / fp16 on GPU) | "
-            "fp32 (exact) | bf16 | fp16 (CUDA).",
+            help="auto (int8 where `medseg quantize` stored a checked int8 graph, else bf16 where the CPU or GPU "
+            "computes it natively, else fp32 on CPU / fp16 on GPU) | fp32 (exact) | bf16 | fp16 (CUDA) | int8 "
+            "(OpenVINO, after `medseg quantize`).",
         ),
     ] = SegmentOptions.precision,
     backend: Annotated[
@@ -205,6 +218,8 @@ def segment_command(
             prefetch=prefetch,
             profile=profile,
             archive_limits=ArchiveLimits.parse(archive_limits),
+            folds=tuple(f for item in folds or () for f in item.replace(",", " ").split()) or None,
+            checkpoint_name=checkpoint,
         )
         what = OutputSpec(
             types=output_type,

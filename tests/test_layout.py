@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report",),  # what people read: previews, QA, statistics, tables, plots
     ("evaluation",),  # a folder of predictions against a folder of references
     ("inference",),  # one volume: predictor, preprocess, sliding window, TTA, restore, postprocess
+    ("nnunet",),  # nnU-Net v2 model folders: plans, safe fold checkpoints, its network, its inference recipe
     ("batch",),  # the batch application: inputs, cases, outputs, manifest, sharding, re-export, review page
     ("review",),  # the review server: NiiVue viewer, verdicts in SQLite, corrections → training data
     ("node",),  # the DICOM node: Storage SCP, SQLite job store, workers that run the batch core and send

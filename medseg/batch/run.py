@@ -84,6 +84,7 @@ from medseg.inference.ensemble import check_single_channel
 from medseg.inference.predictor import Predictor
 from medseg.io import InputError, is_nifti
 from medseg.io.atomic import check_writable, no_space, remove_stale_temps
+from medseg.nnunet.loading import nnunet_predictor
 
 
 def _prepare_output(input_path: Path, output: Path, single: bool) -> Path:
@@ -170,10 +171,15 @@ def segment_inputs(
         raise InputError(f"{input_path}: input not found")
     single = is_nifti(input_path) and not input_path.is_dir()
     folder = _prepare_output(input_path, output, single)
-    checkpoints = resolve_checkpoints(checkpoints)
-    # precision auto: bf16 where native (medseg.device.resolve_precision)
-    predictor = Predictor(checkpoints, options, uncertainty=outputs.uncertainty)
-    check_single_channel(predictor.plan, checkpoints[0])  # k-channel models: one line, before any case
+    # an nnU-Net v2 model folder (medseg.nnunet), else medseg checkpoints
+    predictor = nnunet_predictor(
+        checkpoints, options, uncertainty=outputs.uncertainty, attention=outputs.attention
+    )
+    if predictor is None:
+        checkpoints = resolve_checkpoints(checkpoints)
+        # precision auto: bf16 where native (medseg.device.resolve_precision)
+        predictor = Predictor(checkpoints, options, uncertainty=outputs.uncertainty)
+        check_single_channel(predictor.plan, checkpoints[0])  # k-channel models: one line, before any case
     batch = BatchRun(predictor, options, outputs, output=output, single=single, log=log)
     report = batch.report
     report.part = part

@@ -16,7 +16,7 @@ value checked once, when the object is made — before a checkpoint or a scan is
 >>> SegmentOptions(precision="fp8")
 Traceback (most recent call last):
 ...
-medseg.config.schema.ConfigError: --precision 'fp8' is not valid; valid values: auto, fp32, bf16, fp16
+medseg.config.schema.ConfigError: --precision 'fp8' is not valid; valid values: auto, fp32, bf16, fp16, int8
 
 The Typer commands (:mod:`pipelines.segment`, :mod:`pipelines.export`) take their defaults from these classes
 (``= SegmentOptions.precision``), and the messages name the command-line flags, as a user of either reads
@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from medseg.config.schema import ConfigError
-from medseg.device import BACKENDS, DEVICE_CHOICES, PRECISIONS, is_device_name
+from medseg.device import BACKENDS, DEVICE_CHOICES, INFERENCE_PRECISIONS, is_device_name
 
 if TYPE_CHECKING:
     from medseg.io.archive import ArchiveLimits
@@ -82,9 +82,10 @@ class SegmentOptions:
         overlap: sliding-window overlap in [0, 1); None: the (first) checkpoint's ``infer.overlap``.
         sw_batch_size: windows per forward pass, ≥ 1; None: the checkpoint's ``infer.sw_batch_size``.
         tta: test-time mirroring (:mod:`medseg.inference.tta`).
-        precision: ``auto`` or one of :data:`medseg.device.PRECISIONS`; ``auto`` is bf16 where the CPU or GPU
-            computes it natively, else fp32 on the CPU and fp16 on CUDA
-            (:func:`medseg.device.resolve_precision`).
+        precision: ``auto`` or one of :data:`medseg.device.INFERENCE_PRECISIONS`; ``auto`` is int8 where
+            OpenVINO runs and ``medseg quantize`` stored an int8 graph of the checkpoint that held the agreement
+            bound (:mod:`medseg.inference.quantize`), else bf16 where the CPU or GPU computes it natively, else
+            fp32 on the CPU and fp16 on CUDA (:func:`medseg.device.resolve_precision`).
         backend: ``auto`` or one of :data:`medseg.device.BACKENDS`: what runs the network on the windows
             (:func:`medseg.inference.backends.resolve_backend`; ``auto`` is OpenVINO on the CPU when it is
             installed, except for ``precision="fp32"``, which stays PyTorch's exact path).
@@ -94,6 +95,9 @@ class SegmentOptions:
         profile: log one line of stage seconds per case (they are in every sidecar either way).
         archive_limits: caps for a ``.zip`` input (:class:`medseg.io.archive.ArchiveLimits`); None: its
             defaults.
+        folds, checkpoint_name: for an nnU-Net v2 model folder (:mod:`medseg.nnunet`): the folds to run
+            (``"0"``, ``"1"``, …, ``"all"``; None: every fold present) and the file in each fold folder (None:
+            ``checkpoint_final.pth``).
 
     Raises:
         ConfigError: a value that is not allowed, in one line naming the flag and the valid values.
@@ -109,8 +113,12 @@ class SegmentOptions:
     prefetch: int = 1
     profile: bool = False
     archive_limits: ArchiveLimits | None = None
+    folds: tuple[str, ...] | None = None
+    checkpoint_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.folds is not None:
+            _set(self, "folds", tuple(str(f) for f in self.folds) or None)
         if not is_device_name(self.device):
             raise ConfigError(f"unknown device {self.device!r}; valid: {', '.join(DEVICE_CHOICES)}")
         if self.overlap is not None and not (_is_number(self.overlap) and 0 <= self.overlap < 1):
@@ -119,9 +127,10 @@ class SegmentOptions:
             raise ConfigError(
                 f"--sw-batch-size {self.sw_batch_size!r} is not valid; valid values: a whole number >= 1"
             )
-        if self.precision not in ("auto", *PRECISIONS):
+        if self.precision not in ("auto", *INFERENCE_PRECISIONS):
             raise ConfigError(
-                f"--precision {self.precision!r} is not valid; valid values: auto, {', '.join(PRECISIONS)}"
+                f"--precision {self.precision!r} is not valid; valid values: auto, "
+                f"{', '.join(INFERENCE_PRECISIONS)}"
             )
         if self.backend not in ("auto", *BACKENDS):
             raise ConfigError(

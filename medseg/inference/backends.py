@@ -15,6 +15,9 @@ capped at AVX2 — **except** for:
 * a CUDA device: OpenVINO's CPU plugin has no GPU, PyTorch keeps CUDA;
 * a network in memory without a checkpoint (:meth:`Predictor.from_network`, training's validation): its
   weights change every epoch, and a conversion (~10 s) would cost more than it saves on a few phantoms.
+
+``precision="int8"`` always means OpenVINO (a graph ``medseg quantize`` stored); ``auto`` takes int8 where such a
+graph exists and its agreement check held (:func:`resolve_window_precision`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.device import BACKENDS
+from medseg.device import BACKENDS, Precision, resolve_precision
 from medseg.inference.fast import prepare_network
+from medseg.inference.loading import LoadedCheckpoints
 from medseg.inference.onnx_export import INSTALL_HINT
+
+#: The quantized precision (:mod:`medseg.inference.quantize`), OpenVINO only.
+INT8 = "int8"
 
 
 def openvino_available() -> bool:
@@ -46,16 +53,43 @@ def resolve_backend(name: str | None, device: torch.device, precision: str | Non
         ValueError: an unknown name; ``openvino`` asked for on a GPU or without the packages installed.
     """
     if name is None or name == "auto":
-        use = device.type == "cpu" and precision != "fp32" and not in_memory and openvino_available()
-        return "openvino" if use else "torch"
+        if precision == INT8:
+            name = "openvino"  # checked below: only OpenVINO runs int8 graphs
+        else:
+            use = device.type == "cpu" and precision != "fp32" and not in_memory and openvino_available()
+            return "openvino" if use else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if precision == INT8 and (name != "openvino" or in_memory):
+        raise ValueError(
+            "precision 'int8' runs a stored OpenVINO graph of a checkpoint: use --backend auto/openvino"
+        )
     if name == "openvino":
         if device.type != "cpu":
             raise ValueError(f"backend 'openvino' runs on the CPU, not {device.type}; use --backend torch")
         if not openvino_available():
             raise ValueError(f"backend 'openvino' needs the openvino and onnx packages: {INSTALL_HINT}")
     return name
+
+
+def resolve_window_precision(
+    asked: str | None, device: torch.device, backend: str, loaded: LoadedCheckpoints, batch: int
+) -> Precision:
+    """The precision the windows run in: ``int8`` when asked for, or for ``auto`` on OpenVINO when every
+    checkpoint has a stored int8 graph whose agreement check held (:func:`medseg.inference.quantize.int8_ready`);
+    otherwise :func:`medseg.device.resolve_precision`."""
+    if asked == INT8:
+        return Precision(INT8, None)
+    if asked in (None, "auto") and backend == "openvino" and loaded.paths:
+        from medseg.inference.quantize import int8_key, int8_ready
+
+        keys = [
+            int8_key(sha, window, batch, loaded.plan.in_channels)
+            for sha, window in zip(loaded.sha256, loaded.roi_sizes, strict=True)
+        ]
+        if all(int8_ready(path, key) for path, key in zip(loaded.paths, keys, strict=True)):
+            return Precision(INT8, None)
+    return resolve_precision(asked, device)
 
 
 def window_networks(
@@ -82,5 +116,11 @@ def window_networks(
         checkpoint = checkpoints[i] if i < len(checkpoints) else None
         digest = sha256[i] if i < len(sha256) else "0" * 64
         key = GraphKey(digest, tuple(int(n) for n in windows[i]), int(batch), int(in_channels), name, version)
-        nets.append(openvino_network(model, key, checkpoint))
+        if name == INT8:
+            from medseg.inference.openvino_backend import OpenVINONetwork
+            from medseg.inference.quantize import load_int8
+
+            nets.append(OpenVINONetwork(load_int8(checkpoint, key), key))
+        else:
+            nets.append(openvino_network(model, key, checkpoint))
     return nets

@@ -126,5 +126,6 @@ def restore_map(
 def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
     """The label map of ``(K, ...)`` class probabilities (uint8 when K ≤ 256, else int32), for
     :func:`label_means` on the model grid."""
-    labels = torch.as_tensor(probabilities).argmax(0)
+    # torch.max's indices: the first maximum, as argmax's, and several times faster over a leading class axis
+    labels = torch.max(torch.as_tensor(probabilities), dim=0).indices
     return labels.to(torch.uint8 if probabilities.shape[0] <= 256 else torch.int32).numpy()

@@ -13,7 +13,9 @@ converts the default network in about a quarter of the time (10 s vs 38 s, ``doc
 (the last, partial batch of a volume is padded with zeros and its extra rows dropped).
 
 **Precision**: the compiled model's ``INFERENCE_PRECISION_HINT`` — ``f32`` for ``fp32``, ``bf16`` for ``bf16``
-(:data:`HINTS`); threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads``
+(:data:`HINTS`); ``int8`` graphs are not converted here but made by ``medseg quantize``
+(:mod:`medseg.inference.quantize`) and stored in the same cache, their manifest carrying the calibration and the
+agreement check; threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads``
 set).
 
 **Cache** (:func:`load_or_build`): one folder per :class:`GraphKey` — the checkpoint's SHA-256, window, window
@@ -48,7 +50,7 @@ from medseg.io import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text, temp_prefix
 
 #: ``INFERENCE_PRECISION_HINT`` of the CPU plugin for each medseg precision.
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the layers NNCF left unquantized
 #: The cache folder's name beside a checkpoint.
 CACHE_FOLDER = ".openvino-cache"
 #: The files of one cache entry; the manifest is written last and vouches for the other two.
@@ -174,6 +176,33 @@ def _write_entry(graph: Any, entry: Path) -> dict[str, str]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return hashes
+
+
+def stored_entry(root: Path, key: GraphKey) -> tuple[Any, dict] | None:
+    """The usable cached graph for ``key`` under ``root`` and its manifest, or None (absent or unusable)."""
+    entry = root / key.name
+    if not entry.exists() or _why_unusable(entry, key) is not None:
+        return None
+    try:
+        return core().read_model(str(entry / "model.xml")), json.loads((entry / MANIFEST).read_text())
+    except (RuntimeError, OSError, ValueError):
+        return None
+
+
+def store_entry(graph: Any, root: Path, key: GraphKey, record: dict[str, Any]) -> Path:
+    """``graph`` cached under ``root`` for ``key``, its manifest holding ``record`` besides the key and hashes."""
+    entry = root / key.name
+    hashes = _write_entry(graph, entry)
+    manifest = {"key": key.to_dict(), "sha256": hashes, **record}
+    atomic_write_text(entry / MANIFEST, json.dumps(manifest, indent=1))
+    return entry
+
+
+def update_manifest(root: Path, key: GraphKey, record: dict[str, Any]) -> None:
+    """Add ``record`` to the manifest of the cached entry for ``key`` (atomically; the hashes stay)."""
+    path = root / key.name / MANIFEST
+    manifest = json.loads(path.read_text())
+    atomic_write_text(path, json.dumps({**manifest, **record}, indent=1))
 
 
 def load_or_build(model: nn.Module, key: GraphKey, root: Path) -> Any:

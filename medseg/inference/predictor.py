@@ -60,7 +60,7 @@ from medseg.config import Config, InferConfig
 from medseg.config.segment import SegmentOptions
 from medseg.device import PRECISIONS as PRECISIONS
 from medseg.device import resolve_device, resolve_precision
-from medseg.inference.backends import resolve_backend, window_networks
+from medseg.inference.backends import resolve_backend, resolve_window_precision, window_networks
 from medseg.inference.ensemble import check_single_channel
 from medseg.inference.loading import LoadedCheckpoints, load_checkpoints
 from medseg.inference.loading import model_from_checkpoint as model_from_checkpoint
@@ -254,9 +254,11 @@ class Predictor:
         self.sw_batch_size = options.sw_batch_size or infer.sw_batch_size
         self.mode = infer.mode
         self.transforms = infer_transforms(self.plan, load=False)
-        resolved = resolve_precision(options.precision, self.device)
-        self.autocast, self.precision = resolved.dtype, resolved.name
         self.backend = resolve_backend(options.backend, self.device, options.precision, not loaded.paths)
+        resolved = resolve_window_precision(
+            options.precision, self.device, self.backend, loaded, self.sw_batch_size
+        )
+        self.autocast, self.precision = resolved.dtype, resolved.name
         self.networks = window_networks(
             self.backend,
             self.models,

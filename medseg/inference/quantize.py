@@ -1,0 +1,203 @@
+"""int8 inference on the CPU: a checkpoint's network post-training quantized with NNCF, run by OpenVINO.
+
+``medseg quantize CKPT -d DATASET`` (:func:`quantize_checkpoint`):
+
+1. **Calibration** — the network converted to OpenVINO as for the fp32 back end
+   (:func:`medseg.inference.openvino_backend.build_graph`), then ``nncf.quantize`` (NNCF's post-training
+   quantization: per-channel symmetric int8 weights, int8 activations (asymmetric ranges from the calibration
+   data: NNCF's ``MIXED`` preset), fast bias correction, the first and the output convolutions left in float
+   (:func:`float_convolutions`); Jacob et al., CVPR 2018, "Quantization and training of neural networks for efficient
+   integer-arithmetic-only inference") on windows cut from training cases: each case preprocessed exactly as
+   inference preprocesses it (:meth:`medseg.inference.Predictor.prepare`), windows of the inference window
+   size at seeded random positions (:func:`calibration_windows`), ``batch`` per item as the sliding window
+   sends them.
+2. **The agreement check** — the quantized graph against the exact reference (PyTorch fp32) on held-out cases
+   of the same dataset (not used for calibration): per label the Dice of the two label maps, the whole
+   pipeline (preprocess, sliding window, restore, postprocessing) as ``medseg segment`` runs it. The bound is
+   the one every fast path is held to: Dice ≥ :data:`AGREEMENT` for every label.
+3. **Storage** — the graph in the checkpoint's OpenVINO cache (:func:`medseg.inference.openvino_backend
+   .cache_root`, keyed by the checkpoint's SHA-256, window, batch, channels, ``int8`` and the OpenVINO
+   version), its manifest recording the calibration cases and the check's numbers.
+
+At inference ``--precision int8`` uses the stored graph (and says how to make it when there is none);
+``--precision auto`` uses it **only where its check held**, else falls back to bf16 / fp32
+(:func:`int8_ready`). Measured speed and agreement: ``docs/speed.md``, section ``int8``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.inference.openvino_backend import (
+    GraphKey,
+    cache_root,
+    openvino_version,
+    stored_entry,
+)
+from medseg.io import InputError
+
+#: The agreement bound: Dice of the int8 label map against exact fp32, per label, on held-out cases.
+AGREEMENT = 0.99
+INT8 = "int8"
+
+
+def int8_key(sha256: str, window: Sequence[int], batch: int, in_channels: int) -> GraphKey:
+    """The cache key of a checkpoint's int8 graph (the OpenVINO version installed now)."""
+    return GraphKey(
+        sha256, tuple(int(n) for n in window), int(batch), int(in_channels), INT8, openvino_version()
+    )
+
+
+def stored_int8(checkpoint: str | os.PathLike, key: GraphKey) -> tuple[Any, dict] | None:
+    """The stored int8 graph of ``checkpoint`` for ``key`` and its manifest, or None."""
+    return stored_entry(cache_root(checkpoint), key)
+
+
+def load_int8(checkpoint: str | os.PathLike, key: GraphKey) -> Any:
+    """The stored int8 graph, or an :class:`InputError` that says how to make one."""
+    found = stored_int8(checkpoint, key)
+    if found is None:
+        window = "x".join(map(str, key.window))
+        raise InputError(
+            f"{checkpoint}: no int8 graph for window {window}, batch {key.batch} and this OpenVINO; make one "
+            f"with `medseg quantize {checkpoint} -d DATASET` (or use --precision auto/bf16/fp32)"
+        )
+    return found[0]
+
+
+def int8_ready(checkpoint: str | os.PathLike, key: GraphKey) -> bool:
+    """Whether ``checkpoint`` has a stored int8 graph for ``key`` whose agreement check held."""
+    found = stored_int8(checkpoint, key)
+    return found is not None and bool((found[1].get("agreement") or {}).get("holds"))
+
+
+def calibration_windows(
+    images: Sequence[torch.Tensor], window: Sequence[int], batch: int, count: int, seed: int = 0
+) -> list[np.ndarray]:
+    """``count`` float32 arrays ``(batch, C, *window)`` cut from the preprocessed ``images`` ``(C, X, Y, Z)``.
+
+    Window ``i`` comes from image ``i mod len(images)`` at a uniformly random position (``seed``); an image
+    smaller than the window along an axis is zero-padded at its end, as the sliding window pads.
+    """
+    rng = np.random.default_rng(seed)
+    window = [int(n) for n in window]
+    cut = []
+    for i in range(count * batch):
+        image = images[i % len(images)].detach().cpu().float().numpy()
+        pads = [(0, max(0, w - n)) for n, w in zip(image.shape[1:], window, strict=True)]
+        if any(hi for _, hi in pads):
+            image = np.pad(image, [(0, 0), *pads])
+        start = [int(rng.integers(0, n - w + 1)) for n, w in zip(image.shape[1:], window, strict=True)]
+        box = tuple(slice(s, s + w) for s, w in zip(start, window, strict=True))
+        cut.append(np.ascontiguousarray(image[(slice(None), *box)]))
+    return [np.stack(cut[i : i + batch]) for i in range(0, len(cut), batch)]
+
+
+def quantize_graph(graph: Any, windows: Sequence[np.ndarray]) -> Any:
+    """``nncf.quantize`` of an OpenVINO graph on the calibration ``windows`` (module docstring, step 1)."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise InputError(f"int8 quantization needs NNCF: pip install 'medseg[openvino]' ({exc})") from None
+    return nncf.quantize(
+        graph,
+        nncf.Dataset(list(windows)),
+        subset_size=len(windows),
+        fast_bias_correction=True,
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=nncf.IgnoredScope(names=float_convolutions(graph), validate=False),
+    )
+
+
+def float_convolutions(graph: Any) -> list[str]:
+    """The convolutions left in float: those reading the network's input and those writing its output (the
+    output head) — the usual exceptions of post-training quantization, where int8 rounding costs the most."""
+    first = {
+        consumer.get_node().get_friendly_name()
+        for parameter in graph.get_parameters()
+        for consumer in parameter.output(0).get_target_inputs()
+    }
+    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    last = set()
+    for result in graph.get_results():
+        node = result.input_value(0).get_node()
+        while node.get_type_name() != "Convolution" and node.get_input_size() > 0:
+            node = node.input_value(0).get_node()  # through the bias Add / Reshape to the head's Convolution
+        if node.get_type_name() == "Convolution":
+            last.add(node.get_friendly_name())
+    return [op.get_friendly_name() for op in convolutions if op.get_friendly_name() in first | last]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def quantize_checkpoint(
+    checkpoint: str | os.PathLike,
+    calibration: Sequence[str | os.PathLike],
+    check: Sequence[str | os.PathLike],
+    windows: int = 32,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Quantize ``checkpoint``'s network on windows of the ``calibration`` scans, check it against exact fp32
+    on the ``check`` scans, store it (module docstring). Returns the record written to the cache manifest:
+    ``calibration`` (cases, windows, seed) and ``agreement`` (per case and label the Dice, the minimum, and
+    ``holds``).
+
+    Raises:
+        InputError: no calibration or check scans, a scan that cannot be read, NNCF or OpenVINO missing.
+    """
+    import tempfile
+
+    from medseg.inference.openvino_backend import build_graph, store_entry, update_manifest
+    from medseg.inference.predictor import Predictor
+
+    if not calibration or not check:
+        raise InputError(f"{checkpoint}: quantization needs calibration and check scans (got none)")
+    exact = Predictor(checkpoint, device="cpu", precision="fp32")
+    key = int8_key(exact.checkpoint_sha256[0], exact.roi_size, exact.sw_batch_size, exact.plan.in_channels)
+    images = [exact.prepare(path).image.as_tensor() for path in calibration]
+    cut = calibration_windows(images, key.window, key.batch, windows, seed)
+    del images
+    log(f"calibrating on {len(cut) * key.batch} windows from {len(calibration)} case(s)")
+    with tempfile.TemporaryDirectory(prefix="medseg-quantize-") as scratch:
+        graph = build_graph(exact.model, key, Path(scratch))
+    quantized = quantize_graph(graph, cut)
+    root = cache_root(checkpoint)
+    record: dict[str, Any] = {
+        "calibration": {
+            "cases": [str(p) for p in calibration],
+            "windows": len(cut) * key.batch,
+            "seed": seed,
+        },
+        "agreement": None,  # not checked yet: `auto` does not take it
+    }
+    store_entry(quantized, root, key, record)
+    fast = Predictor(checkpoint, device="cpu", precision=INT8)
+    per_case: dict[str, dict[str, float | None]] = {}
+    for path in check:
+        reference, labels = exact.predict(path).labels, fast.predict(path).labels
+        per_case[str(path)] = {
+            name: _dice(reference == value, labels == value)
+            for name, value in exact.label_names.items()
+            if value > 0
+        }
+        log(f"{path}: " + ", ".join(f"{n} {d:.4f}" for n, d in per_case[str(path)].items() if d is not None))
+    scores = [d for case in per_case.values() for d in case.values() if d is not None]
+    lowest = min(scores) if scores else None
+    agreement = {
+        "bound": AGREEMENT,
+        "min_dice": lowest,
+        "holds": lowest is not None and lowest >= AGREEMENT,
+        "cases": per_case,
+    }
+    update_manifest(root, key, {"agreement": agreement})
+    return {**record, "agreement": agreement}
