@@ -20,7 +20,10 @@ each run:
   classes, random weights, :func:`benchmarks.speed.random_checkpoint`), defaults otherwise (``--precision
   auto``). The OpenVINO graph is converted and cached by a first, untimed run (its time is printed): the
   timed runs read it from the cache, as every run after a checkpoint's first does;
-* the MONAI recipe (:mod:`benchmarks.monai_recipe`, float32), as in ``benchmarks.bench_vs_monai``.
+* the MONAI recipe (:mod:`benchmarks.monai_recipe`, float32), as in ``benchmarks.bench_vs_monai``;
+* with ``--int8``, ``medseg int8``: ``--precision int8`` on a graph quantized by :func:`store_int8` (calibrated on
+  the benchmark CT; its agreement is not checked here — random weights — but on trained models by
+  ``medseg quantize`` and ``tests/inference/test_quantize.py``).
 
 **CPU kinds**: ``--isa native`` runs on this CPU as it is; ``--isa avx2`` sets ``ONEDNN_MAX_CPU_ISA=AVX2`` and
 ``ATEN_CPU_CAPABILITY=avx2`` for every child, an **emulation** of an AVX2-only CPU: PyTorch's oneDNN and ATen
@@ -109,6 +112,27 @@ def _cpu_model() -> str:
     return f"{model} (family {family} model {number})"
 
 
+def store_int8(ckpt: Path, ct: Path, windows_n: int = 16) -> None:
+    """An int8 graph of ``ckpt`` in its OpenVINO cache, calibrated on ``windows_n`` window batches of ``ct``
+    (:mod:`medseg.inference.quantize`'s steps 1 and 3, not its agreement check: the benchmark's network has
+    random weights, so only its speed means something; ``--precision int8`` runs it, ``auto`` would not)."""
+    import tempfile as tf
+
+    from medseg.inference import Predictor
+    from medseg.inference.openvino_backend import build_graph, cache_root, store_entry
+    from medseg.inference.quantize import calibration_windows, int8_key, quantize_graph, stored_int8
+
+    exact = Predictor(ckpt, device="cpu", precision="fp32")
+    key = int8_key(exact.checkpoint_sha256[0], exact.roi_size, exact.sw_batch_size, exact.plan.in_channels)
+    if stored_int8(ckpt, key) is not None:
+        return
+    cut = calibration_windows([exact.prepare(ct).image.as_tensor()], key.window, key.batch, windows_n)
+    with tf.TemporaryDirectory() as scratch:
+        graph = build_graph(exact.model, key, Path(scratch))
+    record = {"calibration": {"cases": [str(ct)], "windows": windows_n * key.batch}, "agreement": None}
+    store_entry(quantize_graph(graph, cut), cache_root(ckpt), key, record)
+
+
 def _load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -132,6 +156,10 @@ def run_kind(isa: str, work: Path, ct: Path, ckpt: Path, args: argparse.Namespac
         "auto": {"backend": side["backend"], "precision": side["precision"]},
         "runs": {"medseg auto": [], "medseg torch": [], "monai fp32": []},
     }
+    if args.int8:
+        result["runs"] = {"medseg int8": [], **result["runs"]}
+    for who in args.skip:
+        result["runs"].pop(f"medseg {who}", None)
     print(
         f"[{isa}] first run (converts and caches the graph): {wall:.1f} s; auto = {side['backend']} "
         f"{side['precision']}; model grid {side['inference']['model_grid']}",
@@ -141,7 +169,9 @@ def run_kind(isa: str, work: Path, ct: Path, ckpt: Path, args: argparse.Namespac
         for who in result["runs"]:
             out = work / f"{isa}_{who.replace(' ', '_')}_{run}"
             shutil.rmtree(out, ignore_errors=True)
-            if who.startswith("medseg"):
+            if who == "medseg int8":
+                cmd = [*seg, "--out", str(out), "--backend", "openvino", "--precision", "int8"]
+            elif who.startswith("medseg"):
                 cmd = [*seg, "--out", str(out), "--backend", who.split()[1]]
             else:
                 cmd = [sys.executable, "-m", "benchmarks.monai_recipe", str(ct), str(out)]
@@ -163,15 +193,12 @@ def run_kind(isa: str, work: Path, ct: Path, ckpt: Path, args: argparse.Namespac
             print(f"[{isa}] run {run + 1} {who:<13} {json.dumps(entry)}", flush=True)
     medians = {who: statistics.median(e["wall_s"] for e in runs) for who, runs in result["runs"].items()}
     result["median_wall_s"] = medians
-    result["auto_vs_monai"] = round(medians["monai fp32"] / medians["medseg auto"], 2)
-    result["torch_vs_monai"] = round(medians["monai fp32"] / medians["medseg torch"], 2)
-    result["auto_vs_torch"] = round(medians["medseg torch"] / medians["medseg auto"], 2)
+    for who in ("auto", "torch", "int8"):
+        if f"medseg {who}" in medians:
+            result[f"{who}_vs_monai"] = round(medians["monai fp32"] / medians[f"medseg {who}"], 2)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    print(
-        f"[{isa}] medians: {json.dumps(medians)}; medseg auto is {result['auto_vs_monai']}× the MONAI recipe, "
-        f"medseg torch {result['torch_vs_monai']}×, auto vs torch {result['auto_vs_torch']}×",
-        flush=True,
-    )
+    ratios = ", ".join(f"medseg {k[:-9]} {v}×" for k, v in result.items() if k.endswith("_vs_monai"))
+    print(f"[{isa}] medians: {json.dumps(medians)}; against the MONAI recipe: {ratios}", flush=True)
     return result
 
 
@@ -182,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--isa", choices=["native", "avx2", "both"], default="both")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep the files")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    parser.add_argument("--int8", action="store_true", help="also medseg --precision int8 (store_int8)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["auto", "torch"], help="leave out these")
     parser.add_argument("--segment", action="store_true", help=argparse.SUPPRESS)  # the medseg child
     parser.add_argument("--ct", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -207,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = work / "bench.pt"
         if not ckpt.is_file():
             random_checkpoint(ckpt, CLASSES)
+        if args.int8:
+            store_int8(ckpt, ct)
         import openvino as ov
 
         header = {

@@ -53,10 +53,12 @@ def load_model(
     tta: bool = False,
     postprocess: str | Mapping[Any, Any] = "auto",
     backend: str = "auto",
+    folds: Sequence[int | str] | None = None,
 ) -> Predictor:
     """Load checkpoints once, for many :func:`segment` calls — whatever ``medseg segment -m`` accepts: a
-    ``best.pt``, a run folder (its ``best.pt``), a cross-validation folder (every ``fold_K/best.pt``, averaged)
-    or a list of checkpoints (an ensemble).
+    ``best.pt``, a run folder (its ``best.pt``), a cross-validation folder (every ``fold_K/best.pt``, averaged),
+    a list of checkpoints (an ensemble), or an nnU-Net v2 model folder (``plans.json``, ``dataset.json``,
+    ``fold_*/checkpoint_final.pth``; :mod:`medseg.nnunet`, its ``folds`` chosen by ``folds``, default all).
 
     Args:
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
@@ -83,9 +85,22 @@ def load_model(
     from medseg.batch.inputs import resolve_checkpoints
     from medseg.config.segment import SegmentOptions
     from medseg.inference.predictor import Predictor
+    from medseg.nnunet.loading import nnunet_predictor
 
+    paths = _checkpoint_paths(model)
+    options = SegmentOptions(
+        device=device,
+        precision=precision,
+        tta=tta,
+        backend=backend,
+        postprocess=postprocess,
+        folds=tuple(str(f) for f in folds or ()) or None,
+    )
+    found = nnunet_predictor(paths, options)
+    if found is not None:
+        return found  # type: ignore[return-value]  # the same interface as Predictor
     return Predictor(
-        resolve_checkpoints(_checkpoint_paths(model)),
+        resolve_checkpoints(paths),
         SegmentOptions(backend=backend),
         device=device,
         precision=precision,
@@ -325,8 +340,9 @@ def _predictor(model: Any, device: str, precision: str, tta: bool, postprocess: 
     """The loaded model as it is (settings checked against it), or a model loaded with the settings."""
     from medseg.device import resolve_device
     from medseg.inference.predictor import Predictor
+    from medseg.nnunet.predict import NnunetPredictor
 
-    if not isinstance(model, Predictor):
+    if not isinstance(model, Predictor | NnunetPredictor):
         return load_model(model, device=device, precision=precision, tta=tta, postprocess=postprocess)
     differ = []
     if device != "auto" and resolve_device(device) != model.device:

@@ -39,7 +39,11 @@ def _fail(message: str, code: int = 2) -> None:
 def serve_command(
     model: Annotated[
         list[Path],
-        typer.Option("-m", "--model", help="Checkpoint or folder of folds, as for medseg segment."),
+        typer.Option(
+            "-m",
+            "--model",
+            help="Checkpoint, folder of folds or nnU-Net v2 model folder, as for medseg segment.",
+        ),
     ],
     workdir: WORKDIR,
     ae_title: Annotated[str, typer.Option(help="Our AE title (called AE of the PACS's C-STORE).")] = "MEDSEG",
@@ -96,6 +100,7 @@ def serve_command(
     from medseg.io import InputError
     from medseg.network.credentials import load_credentials
     from medseg.network.destinations import check_ae_title, parse_destination
+    from medseg.nnunet.folder import is_model_folder, read_model_folder
     from medseg.node.scp import ScpConfig, tls_context
     from medseg.node.service import NodeConfig, serve
     from medseg.node.worker import WorkerConfig
@@ -127,8 +132,13 @@ def serve_command(
             max_series_instances=max_series_instances,
             ssl_context=ssl_context,
         )
+        if is_model_folder(model[0]):  # nnU-Net v2: checked now, then run by the batch core as it is
+            read_model_folder(model[0])
+            checkpoints = tuple(model)
+        else:
+            checkpoints = tuple(resolve_checkpoints(model))
         worker = WorkerConfig(
-            checkpoints=tuple(resolve_checkpoints(model)),
+            checkpoints=checkpoints,
             options=SegmentOptions(device=device, prefetch=0),
             outputs=OutputSpec(types=f"nifti,{output_type}"),
             destinations=tuple(str(parse_destination(d)) for d in send or []),

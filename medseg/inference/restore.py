@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medseg.inference.slabs import SLAB_VOXELS, slabs, source_window, translation
+from medseg.inference.slabs import SLAB_VOXELS, slab_ranges, slabs, source_window, translation
 from medseg.transforms.resample import resample_to_reference
 
 #: MONAI's ``AFFINE_TOL``: ``SpatialResample`` returns its input unchanged when the mapping is this close to the
@@ -198,12 +198,18 @@ def _interpolate_at(
     return np.argmax(acc.astype(np.float32), axis=1).astype(np.uint8)
 
 
+#: Above this fraction of a slab's voxels to interpolate, the slab is resampled whole (:func:`separable_resample`):
+#: per voxel the gather of :func:`_interpolate_at` costs about 3× a separable pass (``docs/speed.md``, section
+#: ``medseg.inference.restore``), so a network whose labels change every few voxels is not restored slower.
+WHOLE_SLAB_FRACTION = 1 / 3
+
+
 def restore_labels_by_cells(
     probabilities: torch.Tensor,
     scale: np.ndarray,
     offset: np.ndarray,
     dst_shape: Sequence[int],
-    chunk: int = 2**20,
+    slab_voxels: int = SLAB_VOXELS,
 ) -> np.ndarray:
     """Argmax labels of the trilinear resampling, computed only where the argmax can change.
 
@@ -212,20 +218,34 @@ def restore_labels_by_cells(
     at every corner holds for any weighted mean; strict inequalities for ``j < k``, the first-maximum rule, stay
     strict). So the label map is the model grid's argmax carried over (:func:`_cell_labels`, ``uint8``
     gathers), and the probabilities are interpolated only at the voxels whose corners disagree — organ borders
-    and the model grid's edge — :data:`chunk` at a time (:func:`_interpolate_at`). Same labels as
+    and the model grid's edge (:func:`_interpolate_at`) — one slab of the destination's last axis at a time
+    (``slab_voxels``), reading only the model-grid slices under the slab; a slab where more than
+    :data:`WHOLE_SLAB_FRACTION` of the voxels need it is resampled whole instead. Same labels as
     :func:`separable_resample` followed by the argmax, up to ties at float round-off; a fraction of its time
-    (``docs/speed.md``, section ``medseg.inference.restore``).
+    where labels form regions (``docs/speed.md``, section ``medseg.inference.restore``).
     """
     values = probabilities.detach().cpu().contiguous()
     dst_shape = tuple(int(s) for s in dst_shape)
     corners = [_axis_corners(scale[a], offset[a], dst_shape[a], values.shape[1 + a]) for a in range(3)]
     labels = _cell_labels(_argmax(values), corners)
-    mixed = np.nonzero(labels == MIXED)
-    if len(mixed[0]):
-        rows = values.permute(1, 2, 3, 0).contiguous().numpy().reshape(-1, values.shape[0])
-        for start in range(0, len(mixed[0]), chunk):
-            index = tuple(m[start : start + chunk] for m in mixed)
-            labels[index] = _interpolate_at(rows, values.shape[1:], index, corners)
+    lo_z, n_z = corners[2][0], values.shape[3]
+    for k0, k1 in slab_ranges(dst_shape, slab_voxels):
+        slab = labels[:, :, k0:k1]
+        mixed = np.nonzero(slab == MIXED)
+        if not len(mixed[0]):
+            continue
+        z0 = int(np.clip(lo_z[k0:k1].min(), 0, n_z - 1))
+        z1 = int(np.clip(lo_z[k0:k1].max() + 2, z0 + 1, n_z))
+        block = values[:, :, :, z0:z1]
+        if len(mixed[0]) > WHOLE_SLAB_FRACTION * slab.size:
+            shifted = offset.copy()
+            shifted[2] = offset[2] + scale[2] * k0 - z0
+            slab[...] = _argmax(separable_resample(block, scale, shifted, slab.shape))
+            continue
+        rows = block.permute(1, 2, 3, 0).contiguous().numpy().reshape(-1, values.shape[0])
+        lo, hi, frac, inside, beyond = corners[2]
+        local = [corners[0], corners[1], (lo[k0:k1] - z0, hi[k0:k1] - z0, frac[k0:k1], inside, beyond)]
+        slab[mixed] = _interpolate_at(rows, block.shape[1:], mixed, local)
     return labels
 
 

@@ -365,13 +365,14 @@ def test_restore_by_cells_equals_resampling_every_voxel(orientation, classes):
     assert 0 < mixed.mean() < 0.5
 
 
-def test_restore_by_cells_in_chunks_and_for_one_class_everywhere():
+def test_restore_by_cells_slab_by_slab_noise_and_one_class_everywhere():
     import medseg.inference.restore as restore
 
     probs = torch.softmax(torch.randn((3, 9, 8, 7), generator=torch.Generator().manual_seed(2)) * 3, 0)
     scale, offset = np.array([0.45, 0.6, 1.0]), np.array([-0.7, 0.2, -1.0])
     whole = restore.restore_labels_by_cells(probs, scale, offset, (24, 15, 9))
-    assert np.array_equal(whole, restore.restore_labels_by_cells(probs, scale, offset, (24, 15, 9), chunk=7))
+    one_slice = restore.restore_labels_by_cells(probs, scale, offset, (24, 15, 9), slab_voxels=24 * 15)
+    assert np.array_equal(whole, one_slice)
     resampled = restore.separable_resample(probs, scale, offset, (24, 15, 9))
     assert np.array_equal(whole, restore._argmax(resampled))
     assert not whole[:, :, 0].any()  # the slice at z = -1 lies beyond the model grid: background
@@ -379,3 +380,17 @@ def test_restore_by_cells_in_chunks_and_for_one_class_everywhere():
     one[1] = 1.0
     labels = restore.restore_labels_by_cells(one, scale, offset, (24, 15, 9))
     assert set(np.unique(labels[:, :, 1:])) == {1} or set(np.unique(labels[:, :, 1:])) == {0, 1}
+
+
+def test_restore_by_cells_resamples_noisy_slabs_whole():
+    """Labels that change every voxel (an untrained network): most slabs take the whole-slab path, with the same
+    labels as resampling every voxel."""
+    import medseg.inference.restore as restore
+
+    probs = torch.softmax(torch.randn((5, 20, 18, 12), generator=torch.Generator().manual_seed(4)) * 3, 0)
+    scale, offset = np.array([0.5, 0.5, 0.8]), np.array([0.0, 0.25, 0.1])
+    shape = (38, 34, 14)
+    corners = [restore._axis_corners(scale[a], offset[a], shape[a], probs.shape[1 + a]) for a in range(3)]
+    assert (restore._cell_labels(restore._argmax(probs), corners) == restore.MIXED).mean() > 0.5
+    labels = restore.restore_labels_by_cells(probs, scale, offset, shape, slab_voxels=38 * 34 * 2)
+    assert np.array_equal(labels, restore._argmax(restore.separable_resample(probs, scale, offset, shape)))
