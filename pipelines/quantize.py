@@ -1,10 +1,12 @@
-"""``medseg quantize CKPT -d DATASET``: call :func:`medseg.inference.quantize.quantize_checkpoint` on the
-dataset's training cases, print the agreement check.
+"""``medseg quantize CKPT -d DATASET``: call :func:`medseg.inference.quantize.quantize_checkpoint`, print the
+agreement check.
 
-The dataset's labelled cases are shuffled with ``--seed``; the first ``--calibration`` calibrate and the next
-``--check`` (disjoint from them) are segmented by exact fp32 and by the int8 graph for the agreement check.
-Exit 0 when the check held (``--precision auto`` will then use int8), 1 when it did not (the graph is stored
-but only ``--precision int8`` uses it), 2 on unusable input (one ``error:`` line).
+**Check cases are held out from training**: the run's validation cases (``validation.json`` beside the
+checkpoint) and the dataset's test images (``imagesTs/``), up to ``--check``; only when there are none does the
+check fall back to training cases (said in the output: a model agrees with itself best on what it was trained on,
+so that check is optimistic). **Calibration** takes ``--calibration`` of the remaining training cases (shuffled
+with ``--seed``). Exit 0 when the check held (``--precision auto`` will then use int8), 1 when it did not (the
+graph is stored but only ``--precision int8`` uses it), 2 on unusable input (one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def quantize_command(
         typer.Option("--dataset", "-d", help="An MSD or nnU-Net dataset folder with the training cases."),
     ],
     calibration: Annotated[int, typer.Option(help="Cases whose windows calibrate the int8 ranges.")] = 4,
-    check: Annotated[int, typer.Option(help="Other cases segmented by fp32 and int8 for the check.")] = 2,
+    check: Annotated[
+        int,
+        typer.Option(help="Held-out cases (validation, then test) segmented by fp32 and int8 for the check."),
+    ] = 4,
     windows: Annotated[int, typer.Option(help="Calibration items (each one window batch).")] = 32,
     seed: Annotated[int, typer.Option(help="Shuffles the cases and places the windows.")] = 0,
 ) -> None:
@@ -41,17 +46,23 @@ def quantize_command(
         paths = resolve_checkpoints(checkpoint)
         if len(paths) != 1:
             raise InputError(f"{checkpoint}: {len(paths)} checkpoints found; quantize one file at a time")
-        cases = [c["image"] for c in training_cases(dataset)]
-        if len(cases) < calibration + check:
+        cases = {c["case"]: c["image"] for c in training_cases(dataset)}
+        held_out = _held_out(paths[0], dataset, cases)
+        names = sorted(set(cases) - set(held_out))
+        random.Random(seed).shuffle(names)
+        if not held_out:
+            typer.echo("no validation or test cases found: checking on training cases (optimistic)")
+            held_out = {n: cases[n] for n in names[calibration:]}
+        if len(names) < calibration or not held_out:
             raise InputError(
-                f"{dataset}: {len(cases)} labelled case(s); --calibration {calibration} and --check {check} "
-                "need that many distinct cases"
+                f"{dataset}: {len(cases)} labelled case(s); --calibration {calibration} and a check need more"
             )
-        random.Random(seed).shuffle(cases)
+        check_cases = [held_out[n] for n in sorted(held_out)][:check]
+        calibration_cases = [cases[n] for n in names[:calibration]]
         record = quantize_checkpoint(
             paths[0],
-            cases[:calibration],
-            cases[calibration : calibration + check],
+            calibration_cases,
+            check_cases,
             windows=windows,
             seed=seed,
             log=typer.echo,
@@ -69,3 +80,22 @@ def quantize_command(
     )
     if not agreement["holds"]:
         raise typer.Exit(1)
+
+
+def _held_out(checkpoint: Path, dataset: Path, cases: dict[str, str]) -> dict[str, str]:
+    """Case name → image of the run's validation cases and the dataset's test images (never trained on)."""
+    import json
+
+    from medseg.io import case_name
+
+    found: dict[str, str] = {}
+    record = checkpoint.parent / "validation.json"
+    if record.is_file():
+        try:
+            names = json.loads(record.read_text()).get("cases") or []
+        except (OSError, ValueError, AttributeError):
+            names = []
+        found.update({n: cases[n] for n in names if isinstance(n, str) and n in cases})
+    for image in sorted((dataset / "imagesTs").glob("*.nii.gz")):
+        found.setdefault(case_name(image), str(image))
+    return found

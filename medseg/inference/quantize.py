@@ -12,7 +12,8 @@
    size at seeded random positions (:func:`calibration_windows`), ``batch`` per item as the sliding window
    sends them.
 2. **The agreement check** — the quantized graph against the exact reference (PyTorch fp32) on held-out cases
-   of the same dataset (not used for calibration): per label the Dice of the two label maps, the whole
+   (``medseg quantize`` takes the run's validation cases and the dataset's test images: a model agrees with
+   itself best on what it was trained on, so training cases make an optimistic check): per label the Dice of the two label maps, the whole
    pipeline (preprocess, sliding window, restore, postprocessing) as ``medseg segment`` runs it. The bound is
    the one every fast path is held to: Dice ≥ :data:`AGREEMENT` for every label.
 3. **Storage** — the graph in the checkpoint's OpenVINO cache (:func:`medseg.inference.openvino_backend

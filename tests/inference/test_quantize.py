@@ -115,7 +115,7 @@ def test_quantize_command(segmenting_run, tiny_dataset, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["quantize", str(checkpoint), "-d", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and "Traceback" not in bad.output
-    many = runner.invoke(app, ["quantize", str(checkpoint), "-d", str(tiny_dataset), "--calibration", "4"])
+    many = runner.invoke(app, ["quantize", str(checkpoint), "-d", str(tiny_dataset), "--calibration", "5"])
     assert many.exit_code == 2 and "4 labelled case(s)" in many.output
     out = runner.invoke(
         app,
@@ -124,3 +124,27 @@ def test_quantize_command(segmenting_run, tiny_dataset, tmp_path):
     )  # fmt: skip
     assert out.exit_code in (0, 1), out.output
     assert "int8 graph stored" in out.output and ("holds" in out.output) == (out.exit_code == 0)
+
+
+def test_the_check_uses_held_out_cases(segmenting_run, tiny_dataset, tmp_path):
+    """The run's validation cases and the dataset's test images are checked, never calibrated on."""
+    from medseg.inference.openvino_backend import cache_root
+    from pipelines.cli import app
+
+    run = Path(
+        shutil.copytree(segmenting_run, tmp_path / "run", ignore=shutil.ignore_patterns(".openvino-cache"))
+    )
+    validation = json.loads((run / "validation.json").read_text())["cases"]
+    assert validation
+    out = CliRunner().invoke(
+        app,
+        ["quantize", str(run / "best.pt"), "-d", str(tiny_dataset), "--calibration", "1", "--windows", "2"],
+    )
+    assert out.exit_code in (0, 1), out.output
+    [manifest] = cache_root(run / "best.pt").glob("*-int8-*/manifest.json")
+    record = json.loads(manifest.read_text())
+    checked = {Path(p).name.split(".")[0] for p in record["agreement"]["cases"]}
+    tests = {p.name.split(".")[0] for p in (tiny_dataset / "imagesTs").glob("*.nii.gz")}
+    assert checked == set(validation) | tests
+    calibrated = {Path(p).name.split(".")[0] for p in record["calibration"]["cases"]}
+    assert len(calibrated) == 1 and not calibrated & checked
