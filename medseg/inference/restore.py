@@ -283,7 +283,7 @@ def restore_labels(
     box_shape = tuple(b.stop - b.start for b in box)
     zoom = axis_zoom(src_affine, box_affine) if cells and separable and values.shape[0] < MIXED else None
     if zoom is not None:
-        out[box] = restore_labels_by_cells(values, *zoom, box_shape)
+        out[box] = restore_labels_by_cells(values, *zoom, box_shape, slab_voxels)
         return out
     target = out[box]
     for k0, k1, window, window_affine, slab_affine in slabs(
