@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.inference.backends import INT8
 from medseg.inference.openvino_backend import (
     GraphKey,
     cache_root,
@@ -45,7 +46,6 @@ from medseg.io import InputError
 
 #: The agreement bound: Dice of the int8 label map against exact fp32, per label, on held-out cases.
 AGREEMENT = 0.99
-INT8 = "int8"
 
 
 def int8_key(sha256: str, window: Sequence[int], batch: int, in_channels: int) -> GraphKey:
