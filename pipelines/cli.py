@@ -87,18 +87,29 @@ def phantoms(
     seed: Annotated[int, typer.Option(help="Dataset seed (cases are deterministic per seed).")] = 0,
     layout: Annotated[str, typer.Option(help="msd | nnunet (nnU-Net v2 raw layout).")] = "msd",
     channels: Annotated[int, typer.Option(help="nnunet layout: 1, or 2 (+ a native phase, _0001).")] = 1,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="standard | hard: hard puts a pancreas nearly isodense to duodenum and bowel in stranded fat, "
+            "with partial-volume blur and low-dose noise (σ ≈ 30 HU), the regime of Oktay et al. 2018."
+        ),
+    ] = "standard",
 ) -> None:
     """Generate synthetic abdominal CT phantoms with labels (Medical Segmentation Decathlon or nnU-Net v2
-    layout)."""
-    from medseg.data.phantoms import write_msd_dataset, write_nnunet_dataset
+    layout). Both kinds share the label table and, for one seed, body, organs and affine."""
+    from medseg.data.phantoms import check_kind, write_msd_dataset, write_nnunet_dataset
 
     if layout not in ("msd", "nnunet") or channels not in (1, 2) or (layout == "msd" and channels != 1):
         _fail(f"--layout {layout} --channels {channels}: valid are msd with 1 channel, nnunet with 1 or 2")
+    try:
+        check_kind(kind)
+    except ValueError as exc:
+        _fail(f"--kind: {exc}")
     if layout == "nnunet":
-        path = write_nnunet_dataset(out, cases, test, shape=shape, seed=seed, channels=channels)
+        path = write_nnunet_dataset(out, cases, test, shape=shape, seed=seed, channels=channels, kind=kind)
     else:
-        path = write_msd_dataset(out, cases, test, shape=shape, seed=seed)
-    typer.echo(f"wrote {cases} training + {test} test phantoms: {path}")
+        path = write_msd_dataset(out, cases, test, shape=shape, seed=seed, kind=kind)
+    typer.echo(f"wrote {cases} training + {test} test phantoms ({kind}): {path}")
 
 
 @app.command()

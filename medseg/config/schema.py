@@ -204,6 +204,8 @@ class AugmentConfig(_Section):
     patch_size: str | tuple[int, int, int] = (96, 96, 64)  # or "auto": planned (medseg.planning.planner)
     samples_per_volume: int = 2
     pos_neg: tuple[float, float] = (2.0, 1.0)  # ratio of patches centred on foreground vs background
+    # per-class ratios of patch centres, one per label incl. background (RandCropByLabelClassesd); replaces pos_neg
+    class_ratios: tuple[float, ...] | None = None
     flip_prob: float = 0.0  # 0 by default: flips swap left/right organs (kidney_left vs kidney_right)
     affine_prob: float = 0.2  # random rotation + scaling
     rotate_deg: float = 15.0
@@ -220,6 +222,12 @@ class AugmentConfig(_Section):
         self._set("pos_neg", _numbers("augment.pos_neg", self.pos_neg, 2, float))
         if min(self.pos_neg) < 0 or max(self.pos_neg) == 0:
             raise ConfigError(f"augment.pos_neg: need two ratios >= 0, not both 0, got {list(self.pos_neg)}")
+        if self.class_ratios is not None:
+            self._set("class_ratios", _numbers("augment.class_ratios", self.class_ratios, None, float))
+            if min(self.class_ratios) < 0 or max(self.class_ratios) == 0:
+                raise ConfigError(
+                    f"augment.class_ratios: need ratios >= 0, not all 0, got {list(self.class_ratios)}"
+                )
         _range("augment.samples_per_volume", self.samples_per_volume, 1)
         for key in ("flip_prob", "affine_prob", "intensity_prob"):
             _range(f"augment.{key}", getattr(self, key), 0.0, 1.0)

@@ -26,10 +26,15 @@ pancreas            95 ± 10         thin curved tube aorta → spleen, low cont
 
 Then Gaussian noise (σ ≈ 12 HU) and a smooth intensity bias (±15 HU) are added. Shape, position and size of
 every structure vary per case. The pancreas-like structure is the small, hard target of Oktay et al. 2018.
+
+This is the ``standard`` kind. The ``hard`` kind (:mod:`medseg.data.phantoms_hard`, ``medseg phantoms
+--kind hard``) draws the same body and organs for a seed, then a pancreas nearly isodense to a duodenal
+C-loop and bowel loops around it, in stranded fat, with partial-volume blur and low-dose noise (σ ≈ 30 HU).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -52,6 +57,23 @@ LABELS: dict[str, int] = {
 DEFAULT_FOV_MM = (360.0, 360.0, 240.0)
 DEFAULT_SHAPE = (128, 128, 48)
 
+#: The phantom kinds (``medseg phantoms --kind``): name → what it is. Both use the label table :data:`LABELS`.
+PHANTOM_KINDS: dict[str, str] = {
+    "standard": "clear organ contrast, the pancreas in a fat pad, noise σ ≈ 12 HU",
+    "hard": "pancreas nearly isodense to duodenum and bowel, fat stranding, partial-volume blur, "
+    "low-dose noise σ ≈ 30 HU (medseg.data.phantoms_hard)",
+}
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it names a phantom kind (:data:`PHANTOM_KINDS`), else raise ``ValueError`` with the
+    valid names and the closest one."""
+    if kind in PHANTOM_KINDS:
+        return kind
+    close = difflib.get_close_matches(str(kind), list(PHANTOM_KINDS), n=1, cutoff=0.4)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ValueError(f"unknown phantom kind {kind!r}: valid are {', '.join(sorted(PHANTOM_KINDS))}{hint}")
+
 
 @dataclass(frozen=True)
 class Phantom:
@@ -61,6 +83,35 @@ class Phantom:
     label: np.ndarray
     affine: np.ndarray
     orientation: str
+
+
+@dataclass
+class Anatomy:
+    """The abdomen drawn up to the pancreas, filled in place by the pancreas drawers (one per kind).
+
+    ``world`` holds the RAS mm coordinates of every voxel centre (flat, C order of ``shape``); ``hu`` and
+    ``lab`` the flat HU and label values; ``inner`` the normalised radius of the body's inner ellipse (< 1:
+    inside the subcutaneous fat). ``size`` is the patient scale, ``spine`` the vertebral body centre,
+    ``aorta_y`` the aorta's anterior-posterior position: the landmarks the pancreas is placed by.
+    ``stomach_lumen`` holds the flat indices of the stomach's lumen (fluid or gas).
+    """
+
+    world: np.ndarray
+    hu: np.ndarray
+    lab: np.ndarray
+    inner: np.ndarray
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    orientation: str
+    size: float
+    spine: np.ndarray
+    aorta_y: float
+    stomach_lumen: np.ndarray
+
+    def phantom(self, hu: np.ndarray) -> Phantom:
+        """The finished case: ``hu`` (the final float image) rounded to int16, and the label volume."""
+        image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+        return Phantom(image, self.lab.reshape(self.shape), self.affine, self.orientation)
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -130,7 +181,8 @@ def generate_phantom(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     fov_mm: tuple[float, float, float] = DEFAULT_FOV_MM,
     orientation: str | None = None,
-    noise_hu: float = 12.0,
+    noise_hu: float | None = None,
+    kind: str = "standard",
 ) -> Phantom:
     """Generate one phantom case, deterministic for a given ``seed`` and arguments.
 
@@ -139,9 +191,31 @@ def generate_phantom(
         shape: voxel grid (i, j, k); the k axis is the craniocaudal one.
         fov_mm: field of view in mm, jittered ±4 % per case; spacing = fov / shape (anisotropic by default).
         orientation: ``"RAS"`` or ``"LPS"`` storage; ``None`` picks one from the seed (both occur).
-        noise_hu: standard deviation of the additive Gaussian noise in HU.
+        noise_hu: standard deviation of the additive noise in HU; ``None``: the kind's (12 standard, 30 hard).
+        kind: ``"standard"`` or ``"hard"`` (:data:`PHANTOM_KINDS`); for one seed both share body, organs and
+            affine, and differ around the pancreas, in blur and in noise.
     """
+    if check_kind(kind) == "hard":
+        from medseg.data.phantoms_hard import generate_hard_phantom
+
+        return generate_hard_phantom(seed, shape, fov_mm, orientation, noise_hu)
     rng = np.random.default_rng(seed)
+    anatomy = draw_anatomy(rng, shape, fov_mm, orientation)
+    _draw_pancreas(anatomy, rng)
+    hu = texture_and_bias(anatomy, rng)
+    hu = hu + rng.normal(0, 12.0 if noise_hu is None else noise_hu, size=shape)
+    return anatomy.phantom(hu)
+
+
+def draw_anatomy(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    fov_mm: tuple[float, float, float],
+    orientation: str | None,
+) -> Anatomy:
+    """Draw the grid and everything but the pancreas: body, lungs, spine and ribs, aorta, liver, spleen,
+    kidneys, stomach (the table of the module docstring). Every kind starts here, so that one seed gives the
+    same body and organs in every kind."""
     if orientation is None:
         orientation = "RAS" if rng.random() < 0.5 else "LPS"
     fov = np.asarray(fov_mm, dtype=float) * rng.uniform(0.96, 1.04)
@@ -229,6 +303,15 @@ def generate_phantom(
     hu[idx[m]] = 45
     lumen = _ellipsoid(world[idx], c, r - 5, np.eye(3), rng, 0.0) & m
     hu[idx[lumen]] = -800 if rng.random() < 0.4 else 10
+    return Anatomy(world, hu, lab, inner, tuple(shape), affine, orientation, s, sp, ay0, idx[lumen])
+
+
+def _draw_pancreas(a: Anatomy, rng: np.random.Generator) -> None:
+    """The standard pancreas, drawn into ``a``."""
+    world, hu, lab, s, sp, ay0 = a.world, a.hu, a.lab, a.size, a.spine, a.aorta_y
+
+    def j(scale: float = 8.0, size: int = 3) -> np.ndarray:
+        return rng.uniform(-scale, scale, size=size)
 
     # Pancreas: a thin curved tube from the head (right of the aorta) over the aorta to the splenic hilum,
     # wrapped in a retroperitoneal fat pad; low contrast against soft tissue.
@@ -249,17 +332,17 @@ def generate_phantom(
     hu[idx[m]] = 95 + rng.normal(0, 6)
     lab[idx[m]] = LABELS["pancreas"]
 
-    # Texture, smooth bias and noise (air stays air-like).
-    hu = hu.reshape(shape)
-    lab = lab.reshape(shape)
+
+def texture_and_bias(a: Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """``a.hu`` as a volume plus a faint tissue texture (smoothed noise) and a smooth bias field (±15 HU)
+    inside the body (air stays air-like); noise is the caller's."""
+    shape = a.shape
+    hu = a.hu.reshape(shape)
     tex = ndimage.gaussian_filter(rng.normal(0, 1, size=shape).astype(np.float32), 1.5)
     bias = ndimage.zoom(rng.normal(0, 1, size=(3, 3, 3)).astype(np.float32), np.asarray(shape) / 3, order=3)
     bias = bias[: shape[0], : shape[1], : shape[2]]
     inside = hu > -950
-    hu = hu + inside * (15 * tex + 15 * bias / max(float(np.abs(bias).max()), 1e-6))
-    hu = hu + rng.normal(0, noise_hu, size=shape)
-    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    return Phantom(image=image, label=lab, affine=affine, orientation=orientation)
+    return hu + inside * (15 * tex + 15 * bias / max(float(np.abs(bias).max()), 1e-6))
 
 
 def write_msd_dataset(
@@ -270,19 +353,22 @@ def write_msd_dataset(
     fov_mm: tuple[float, float, float] = DEFAULT_FOV_MM,
     seed: int = 0,
     with_test_labels: bool = True,
+    kind: str = "standard",
 ) -> Path:
     """Write a phantom dataset in the Medical Segmentation Decathlon layout and return ``dataset.json``.
 
     Layout: ``imagesTr/``, ``labelsTr/``, ``imagesTs/`` (+ ``labelsTs/`` for evaluation, as in nnU-Net raw
     data when ``with_test_labels``), and ``dataset.json`` with label names. Case ``i`` uses seed
-    ``seed * 100_000 + i``, so datasets with different ``seed`` never share a case.
+    ``seed * 100_000 + i``, so datasets with different ``seed`` never share a case. ``kind`` is the phantom
+    kind (:data:`PHANTOM_KINDS`), checked before anything is written.
     """
     from medseg.io import atomic_write_text, save_volume
 
+    check_kind(kind)
     root = Path(root)
     training, test = [], []
     for i in range(num_train + num_test):
-        ph = generate_phantom(seed * 100_000 + i, shape=shape, fov_mm=fov_mm)
+        ph = generate_phantom(seed * 100_000 + i, shape=shape, fov_mm=fov_mm, kind=kind)
         split = "Tr" if i < num_train else "Ts"
         name = f"phantom_{i:03d}.nii.gz"
         save_volume(ph.image, ph.affine, root / f"images{split}" / name, np.int16)
@@ -294,7 +380,7 @@ def write_msd_dataset(
             test.append(f"./imagesTs/{name}")
     meta = {
         "name": "medseg-phantoms",
-        "description": "Synthetic abdominal CT phantoms generated by medseg.data.phantoms",
+        "description": f"Synthetic abdominal CT phantoms{_kind_note(kind)} generated by medseg.data.phantoms",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {str(v): k for k, v in LABELS.items()},
@@ -306,6 +392,11 @@ def write_msd_dataset(
     path = root / "dataset.json"
     atomic_write_text(path, json.dumps(meta, indent=2))
     return path
+
+
+def _kind_note(kind: str) -> str:
+    """`` (hard kind)`` for a dataset description; nothing for the standard kind (descriptions unchanged)."""
+    return "" if kind == "standard" else f" ({kind} kind)"
 
 
 #: HU added by contrast in the portal-venous phase, per label: subtracted for the native (unenhanced) phase
@@ -344,6 +435,7 @@ def write_nnunet_dataset(
     fov_mm: tuple[float, float, float] = DEFAULT_FOV_MM,
     seed: int = 0,
     channels: int = 1,
+    kind: str = "standard",
 ) -> Path:
     """Write a phantom dataset in the nnU-Net v2 raw layout and return ``dataset.json``.
 
@@ -352,17 +444,19 @@ def write_nnunet_dataset(
     ``labelsTr/phantom_000.nii.gz``, ``imagesTs/`` (+ ``labelsTs/``) for ``num_test`` cases, and a
     ``dataset.json`` with ``channel_names``, ``labels`` (name → index), ``numTraining`` and ``file_ending``.
     ``shape`` may be a list of grids, used in turn per case (datasets of varying size and spacing). Case ``i``
-    uses the seed of :func:`write_msd_dataset`, so both layouts of one ``seed`` hold the same phantoms.
+    uses the seed of :func:`write_msd_dataset`, so both layouts of one ``seed`` and ``kind`` hold the same
+    phantoms.
     """
     from medseg.io import atomic_write_text, save_volume
 
+    check_kind(kind)
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")
     root = Path(root)
     shapes = [tuple(shape)] if isinstance(shape[0], int) else [tuple(s) for s in shape]
     for i in range(num_train + num_test):
         case_seed = seed * 100_000 + i
-        ph = generate_phantom(case_seed, shape=shapes[i % len(shapes)], fov_mm=fov_mm)
+        ph = generate_phantom(case_seed, shape=shapes[i % len(shapes)], fov_mm=fov_mm, kind=kind)
         split = "Tr" if i < num_train else "Ts"
         name = f"phantom_{i:03d}"
         volumes = [ph.image] + ([native_phase(ph, case_seed + 7_919)] if channels == 2 else [])
@@ -371,7 +465,8 @@ def write_nnunet_dataset(
         save_volume(ph.label, ph.affine, root / f"labels{split}" / f"{name}.nii.gz", np.uint8)
     meta = {
         "name": "medseg-phantoms",
-        "description": "Synthetic abdominal CT phantoms generated by medseg.data.phantoms (nnU-Net v2 layout)",
+        "description": f"Synthetic abdominal CT phantoms{_kind_note(kind)} generated by medseg.data.phantoms "
+        "(nnU-Net v2 layout)",
         "channel_names": {str(c): "CT" for c in range(channels)},
         "labels": dict(LABELS),
         "numTraining": num_train,

@@ -167,6 +167,11 @@ def _train(
 
     meta = read_dataset_json(root)
     names = label_names(meta)
+    ratios = cfg.augment.class_ratios
+    if ratios is not None and len(ratios) != len(names):
+        raise ConfigError(
+            f"augment.class_ratios: {len(ratios)} ratios for {len(names)} labels (background included) in {root}"
+        )
     cases = training_cases(root)
     channels = input_channels(meta, root)
 

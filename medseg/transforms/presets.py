@@ -14,7 +14,7 @@ CT scheme (clip to the 0.5/99.5 foreground percentiles of the training set, z-sc
 and std) — both from MONAI (``ScaleIntensityRanged``, ``NormalizeIntensityd``).
 
 Random part (training only): ``SpatialPadd`` to the patch size → ``RandCropByPosNegLabeld`` (foreground
-oversampling) → ``RandAffined`` (rotation + scaling) → ``RandFlipd`` (off by default: flips swap
+oversampling) or ``RandCropByLabelClassesd`` (per-class ratios, ``augment.class_ratios``) → ``RandAffined`` (rotation + scaling) → ``RandFlipd`` (off by default: flips swap
 lateralised organs) → ``RandScaleIntensityd`` / ``RandShiftIntensityd`` / ``RandGaussianNoised``.
 """
 
@@ -96,22 +96,12 @@ def train_transforms(plan: Plan, augment) -> mt.Compose:
     :class:`medseg.config.AugmentConfig`)."""
     keys = ["image", "label"]
     patch = list(plan.patch_size)
-    pos, neg = augment.pos_neg
     rot = math.radians(augment.rotate_deg)
     scale = augment.scale
     p_int = augment.intensity_prob
     steps = deterministic_transforms(plan, with_label=True) + [
         mt.SpatialPadd(keys, spatial_size=patch),
-        mt.RandCropByPosNegLabeld(
-            keys,
-            label_key="label",
-            spatial_size=patch,
-            pos=pos,
-            neg=neg,
-            num_samples=augment.samples_per_volume,
-            image_key="image",
-            allow_smaller=False,
-        ),
+        _patch_sampler(keys, patch, augment),
     ]
     if augment.affine_prob > 0:
         steps.append(
@@ -134,6 +124,34 @@ def train_transforms(plan: Plan, augment) -> mt.Compose:
         ]
     steps.append(mt.EnsureTyped(keys, dtype=(np.float32, np.int64), track_meta=False))
     return mt.Compose(steps)
+
+
+def _patch_sampler(keys: list[str], patch: list[int], augment):
+    """Patch centres by class (``augment.class_ratios``: ``RandCropByLabelClassesd``, which favours small organs
+    when their ratio is raised) or foreground vs background (``augment.pos_neg``: ``RandCropByPosNegLabeld``).
+    A class absent from a case is skipped for that case (MONAI warns once)."""
+    if augment.class_ratios is not None:
+        return mt.RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=patch,
+            ratios=list(augment.class_ratios),
+            num_classes=len(augment.class_ratios),
+            num_samples=augment.samples_per_volume,
+            allow_smaller=False,
+            warn=False,
+        )
+    pos, neg = augment.pos_neg
+    return mt.RandCropByPosNegLabeld(
+        keys,
+        label_key="label",
+        spatial_size=patch,
+        pos=pos,
+        neg=neg,
+        num_samples=augment.samples_per_volume,
+        image_key="image",
+        allow_smaller=False,
+    )
 
 
 def val_transforms(plan: Plan) -> mt.Compose:
