@@ -46,6 +46,18 @@ def serve_command(
         ),
     ],
     workdir: WORKDIR,
+    folds: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="nnU-Net v2 model folder: the folds to average (0 1 … or all; default: every fold)."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="nnU-Net v2 model folder: the file in each fold_*/ (default checkpoint_final.pth)."
+        ),
+    ] = None,
     ae_title: Annotated[str, typer.Option(help="Our AE title (called AE of the PACS's C-STORE).")] = "MEDSEG",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: all interfaces).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="DICOM port (0: any free port, logged).")] = 11112,
@@ -132,14 +144,19 @@ def serve_command(
             max_series_instances=max_series_instances,
             ssl_context=ssl_context,
         )
+        fold_list = tuple(f for item in folds or () for f in item.replace(",", " ").split()) or None
         if is_model_folder(model[0]):  # nnU-Net v2: checked now, then run by the batch core as it is
-            read_model_folder(model[0])
+            read_model_folder(model[0], fold_list, checkpoint)
             checkpoints = tuple(model)
+        elif fold_list or checkpoint:
+            raise InputError(
+                f"--folds and --checkpoint are for an nnU-Net v2 model folder; {model[0]} is not one"
+            )
         else:
             checkpoints = tuple(resolve_checkpoints(model))
         worker = WorkerConfig(
             checkpoints=checkpoints,
-            options=SegmentOptions(device=device, prefetch=0),
+            options=SegmentOptions(device=device, prefetch=0, folds=fold_list, checkpoint_name=checkpoint),
             outputs=OutputSpec(types=f"nifti,{output_type}"),
             destinations=tuple(str(parse_destination(d)) for d in send or []),
             send_attempts=send_attempts,

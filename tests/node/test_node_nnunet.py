@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_node_segments_with_an_nnunet_folder(tmp_path, tiny_dataset, pacs):
-    folder = write_model_folder(tmp_path / "model", "iso", folds=(0,))
+    folder = write_model_folder(tmp_path / "model", "iso", folds=(0, 1))
     workdir = tmp_path / "node"
-    node = NodeProcess(workdir, folder, "--stable-seconds", "1", "--once", "--send", pacs.url)
+    node = NodeProcess(workdir, folder, "--folds", "1", "--stable-seconds", "1", "--once", "--send", pacs.url)
     written = phantom_ct(tiny_dataset, tmp_path / "ct")
     assert set(send(node.port, written.files)) == {0}
     assert node.wait() == 0, node.err.read_text()
@@ -28,7 +28,18 @@ def test_node_segments_with_an_nnunet_folder(tmp_path, tiny_dataset, pacs):
     names = {s.SegmentLabel for s in seg.SegmentSequence}
     assert names and names <= set(dataset_json()["labels"]) - {"background"}
     sidecar = json.loads(next((workdir / "outputs").glob("*.json")).read_text())
-    assert sidecar["inference"]["checkpoints"][0].startswith(str(folder))
+    [used] = sidecar["inference"]["checkpoints"]  # --folds 1: that fold only
+    assert used.startswith(str(folder)) and "fold_1" in used
+
+
+def test_a_missing_fold_stops_the_node_at_start(tmp_path):
+    folder = write_model_folder(tmp_path / "model", "iso", folds=(0,))
+    out = subprocess.run(
+        [*NODE_CMD, "serve", "-m", str(folder), "--folds", "3", "--workdir", str(tmp_path / "node"), "--port", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "fold_3" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_broken_nnunet_folder_stops_the_node_at_start(tmp_path):
