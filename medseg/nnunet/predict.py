@@ -26,9 +26,13 @@ is nnU-Net's ``nnUNetPredictor`` (``nnunetv2.inference.predict_from_raw_data``) 
    put back into the uncropped grid (background outside), transposed back.
 
 ``precision="fp32"`` runs the networks as nnU-Net does on the CPU (float32, one window at a time, NCDHW): the
-exact path. The default precision (bf16 where the CPU computes it natively) runs a copy of each network in
-bf16 autocast, channels-last, two windows per pass, with float32 segmentation heads
-(:func:`medseg.inference.fast.prepare_network`); everything else is the same.
+exact path. The default precision (bf16 where the CPU computes it natively, else fp32) runs two windows per
+pass on the back end :func:`medseg.inference.backends.resolve_backend` picks: on a CPU with the ``openvino``
+extra, each fold's network converted by OpenVINO (:mod:`medseg.inference.openvino_backend`; the graph cached in
+``.openvino-cache/`` beside the fold's checkpoint, keyed by its SHA-256, or in the user cache when the model
+folder is read-only); otherwise PyTorch, a copy of each network in bf16 autocast, channels-last, with float32
+segmentation heads (:func:`medseg.inference.fast.prepare_network`). Everything else is the same. ``int8`` is
+not offered for nnU-Net folders (``medseg quantize`` calibrates medseg checkpoints).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 
 from medseg.config.segment import SegmentOptions
 from medseg.device import resolve_device, resolve_precision
+from medseg.inference.backends import INT8, resolve_backend, window_networks
 from medseg.inference.fast import Float32Head, prepare_network
 from medseg.inference.loading import file_sha256
 from medseg.inference.predictor import Prediction
@@ -163,9 +168,9 @@ class NnunetPredictor:
 
     ``options`` as for :class:`medseg.inference.Predictor`: ``device``, ``precision`` (``fp32`` is the exact
     path), ``tta`` (the checkpoint's mirroring axes; none recorded: no mirroring, as in nnU-Net), ``overlap``
-    (tile step ``1 - overlap``, default 0.5), ``sw_batch_size`` (windows per pass; default 1 in fp32, else 2);
-    the backend is PyTorch (``openvino`` by name is refused) and no postprocessing is applied (nnU-Net's
-    predictor applies none).
+    (tile step ``1 - overlap``, default 0.5), ``sw_batch_size`` (windows per pass; default 1 on the exact
+    path, else 2), ``backend`` (``auto`` | ``torch`` | ``openvino``, module docstring); no postprocessing is
+    applied (nnU-Net's predictor applies none).
 
     Raises:
         InputError: unusable checkpoints, a network the plans cannot build, weights that do not fit, or an
@@ -176,8 +181,10 @@ class NnunetPredictor:
         self, folder: ModelFolder, options: SegmentOptions | None = None, *, uncertainty: bool = False
     ):
         options = options or SegmentOptions()
-        if options.backend == "openvino":
-            raise InputError(f"{folder.path}: --backend openvino is not available for nnU-Net model folders")
+        if options.precision == INT8:
+            raise InputError(
+                f"{folder.path}: --precision int8 is for medseg checkpoints (medseg quantize), not nnU-Net folders"
+            )
         if isinstance(options.postprocess, str) is False:
             raise InputError(f"{folder.path}: postprocessing rules are not applied to nnU-Net model folders")
         if folder.in_channels != 1:
@@ -188,13 +195,17 @@ class NnunetPredictor:
         self.device = resolve_device(options.device)
         resolved = resolve_precision(options.precision, self.device)
         self.precision, self.autocast = resolved.name, resolved.dtype
-        self.backend = "torch"
+        try:
+            self.backend = resolve_backend(options.backend, self.device, options.precision, in_memory=False)
+        except ValueError as exc:
+            raise InputError(f"{folder.path}: {exc}") from None
         self.tta, self.uncertainty = bool(options.tta), bool(uncertainty)
         self.overlap = TILE_STEP if options.overlap is None else float(options.overlap)
         self.step = 1.0 - self.overlap
         if self.step <= 0:
             raise InputError(f"--overlap {self.overlap}: nnU-Net's tile step 1 - overlap must be above 0")
-        self.sw_batch_size = options.sw_batch_size or (1 if self.autocast is None else 2)
+        exact = self.autocast is None and self.backend == "torch"
+        self.sw_batch_size = options.sw_batch_size or (1 if exact else 2)
         self.checkpoints = list(folder.checkpoints)
         self.checkpoint = self.checkpoints[0]
         self.label_names = dict(folder.label_names)
@@ -224,7 +235,19 @@ class NnunetPredictor:
             for combo in itertools.combinations(self.mirror_axes, k)
         ]
         self.checkpoint_sha256 = [file_sha256(p) for p in self.checkpoints]
-        self.networks = [self._window_network(m) for m in self.models]
+        if self.backend == "openvino":
+            self.networks = window_networks(
+                "openvino",
+                self.models,
+                self.checkpoints,
+                self.checkpoint_sha256,
+                [self.patch] * len(self.models),
+                self.sw_batch_size,
+                (self.precision, self.autocast),
+                folder.in_channels,
+            )
+        else:
+            self.networks = [self._window_network(m) for m in self.models]
 
     def _window_network(self, model: torch.nn.Module) -> torch.nn.Module:
         """The network as windows run it: itself in float32; else medseg's fast copy with float32 heads."""

@@ -73,7 +73,9 @@ def test_equal_to_nnunet_predictor(folders, kind, scan, folds, tta):
     assert np.abs(result.probabilities.transpose(0, 3, 2, 1) - probs).max() < 1e-4
     assert np.array_equal(labels, seg)
     assert len(np.unique(seg)) > 1  # the comparison is not between two empty maps
-    fast = NnunetPredictor(model, SegmentOptions(device="cpu", tta=tta)).predict(str(path))
-    fast_labels = fast.labels.transpose(2, 1, 0)
-    for label in range(1, 7):
-        assert dice(fast_labels, seg, label) >= 0.99, (label, fast.info["precision"])
+    for backend in ("openvino", "torch"):  # the default precision (bf16 where native, else fp32) on each
+        fast = NnunetPredictor(model, SegmentOptions(device="cpu", tta=tta, backend=backend)).predict(str(path))
+        assert fast.info["backend"] == backend
+        fast_labels = fast.labels.transpose(2, 1, 0)
+        for label in range(1, 7):
+            assert dice(fast_labels, seg, label) >= 0.99, (label, backend, fast.info["precision"])

@@ -116,3 +116,11 @@ def test_models_command_lists_and_checks(folder, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith("error: ") and text in lines[0] and "Traceback" not in result.stderr
+
+
+def test_int8_is_refused_for_nnunet_folders(folder):
+    from medseg.config.segment import SegmentOptions
+    from medseg.nnunet.predict import NnunetPredictor
+
+    with pytest.raises(InputError, match="int8 is for medseg checkpoints"):
+        NnunetPredictor(read_model_folder(folder), SegmentOptions(device="cpu", precision="int8"))
