@@ -32,6 +32,11 @@ What it does, all under ``--root`` (kept, so that the benchmark can be run later
 estimate of nnU-Net's wall time: windows × s/forward with TTA off, × 8 (every mirror of three axes) with TTA
 on. The estimate leaves out reading, preprocessing, Gaussian-weighted accumulation, resampling back and
 writing, so it is a lower bound; the load average is printed with it (another job on the cores slows it).
+
+``--compare ROUNDS`` times the network part both ways on this folder (:func:`compare`): nnU-Net's way (PyTorch
+float32, one window per pass — medseg's exact path) against medseg's default window network (OpenVINO, the CPU's
+default precision, two windows per pass), alternating, seconds per window. The network is ~90 % of either
+predictor's time at this size; the whole-process comparison is ``benchmarks.nnunet_speed``.
 """
 
 from __future__ import annotations
