@@ -51,6 +51,7 @@ OPTIMIZERS = ("adamw", "sgd")
 CACHE_MODES = ("memory", "disk", "none")  # see medseg.engine.caching
 #: ``train.precision``: autocast dtype of the training step (resolved per device by medseg.engine.step).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAIN_LAYOUTS = ("auto", "standard", "channels_last")
 BLEND_MODES = ("gaussian", "constant")  # the sliding window's ``mode`` (medseg.inference.sliding)
 ORIENTATIONS = tuple(a + b + c for a in "RL" for b in "AP" for c in "SI") + tuple(
     a + b + c for a in "AP" for b in "RL" for c in "SI"
@@ -339,6 +340,9 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: CUDA only)
+    # auto | standard | channels_last: instance norm as GroupNorm(C, C) in channels-last (engine/step.py);
+    # auto = channels_last for fp32 on a CPU without native bf16, where it measured faster
+    layout: str = "auto"
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
     init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)
@@ -356,6 +360,7 @@ class TrainConfig(_Section):
         if not is_device_name(self.device):
             _choice("train.device", self.device, DEVICE_CHOICES)
         _choice("train.precision", self.precision, TRAIN_PRECISIONS)
+        _choice("train.layout", self.layout, TRAIN_LAYOUTS)
         if self.max_minutes is not None:
             self._set("max_minutes", _number("train.max_minutes", self.max_minutes, float))
         if not isinstance(self.progress, bool):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.config import ConfigError
-from medseg.device import Precision, resolve_precision
+from medseg.device import Precision, cpu_has_native_bf16, resolve_precision
 
 #: Global gradient-norm clip of every step (nnU-Net's value).
 MAX_GRAD_NORM = 12.0
@@ -131,6 +131,17 @@ def training_precision(
         )
     log(f"train.precision auto: training in fp32, not bf16: {reason}")
     return Precision("fp32", None)
+
+
+def training_layout(name: str, device: torch.device, precision: Precision) -> bool:
+    """Whether the network trains channels-last with instance norms as ``GroupNorm(C, C)``
+    (:func:`medseg.inference.fast.instance_norms_as_group_norms`: the same function and parameters, so the same
+    gradients up to float rounding, tested). ``auto``: on a CPU in float32 without native bf16 (an AVX2-class
+    CPU), where the forward + backward measured 1.16–1.25× faster for the default network (``docs/speed.md``,
+    section "Training step"); in bf16 it measured slower, and CUDA keeps cuDNN's layout."""
+    if name != "auto":
+        return name == "channels_last"
+    return device.type == "cpu" and precision.dtype is None and not cpu_has_native_bf16()
 
 
 def train_step(

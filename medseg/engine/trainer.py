@@ -53,8 +53,9 @@ from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
 from medseg.engine.finetune import initial_checkpoint, load_initial_weights
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
-from medseg.engine.step import train_step, training_precision
+from medseg.engine.step import train_step, training_layout, training_precision
 from medseg.engine.validation import ValidationCases, validate
+from medseg.inference.fast import instance_norms_as_group_norms
 from medseg.inference.loading import checkpoint_plan
 from medseg.io import atomic_write_text
 from medseg.io.atomic import remove_stale_temps
@@ -216,11 +217,14 @@ def _train(
         log(f"fine-tuning from {tcfg.init_from} (its weights and plan; fresh optimizer, epoch 1)")
     else:
         init_class_prior(model, list(plan.class_fractions()), num_classes)
+    precision = training_precision(tcfg.precision, device, model, plan.in_channels, plan.patch_size, log)
+    channels_last = training_layout(tcfg.layout, device, precision)
+    if channels_last:  # same function and state dict keys (engine/step.py)
+        model = instance_norms_as_group_norms(model).to(memory_format=torch.channels_last_3d)
     model, net = replicas.wrap(model.to(device), cfg.model.norm)  # net: DDP under torchrun
     loss_fn = build_loss(cfg, num_classes).to(device)
     epochs, iters = tcfg.epochs, tcfg.iters_per_epoch
     optimizer, scheduler = build_optimizer(cfg, model, epochs * iters)
-    precision = training_precision(tcfg.precision, device, model, plan.in_channels, plan.patch_size, log)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
 
     start_epoch, best = 0, -math.inf
@@ -242,7 +246,7 @@ def _train(
     log(f"data cache: {describe_cache(cfg, plan)}")
     log(
         f"{len(train_cases)} training / {len(val_cases)} validation cases; spacing {list(plan.spacing)}; "
-        f"device {device}, {precision.name}"
+        f"device {device}, {precision.name}{', channels-last' if channels_last else ''}"
     )
     if replicas.distributed:
         log(f"{replicas.world} processes: effective batch {tcfg.batch_size * replicas.world} per step")
@@ -280,6 +284,8 @@ def _train(
         for _ in progress:
             batch = next(batches)
             image, label = batch["image"].to(device), batch["label"].to(device)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
             loss = train_step(net, loss_fn, optimizer, scaler, image, label, precision)  # net: DDP or model
             scheduler.step()
             replicas.sync_buffers(model)  # EMA bases, CPU BatchNorm statistics
