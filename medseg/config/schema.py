@@ -205,8 +205,7 @@ class AugmentConfig(_Section):
     patch_size: str | tuple[int, int, int] = (96, 96, 64)  # or "auto": planned (medseg.planning.planner)
     samples_per_volume: int = 2
     pos_neg: tuple[float, float] = (2.0, 1.0)  # ratio of patches centred on foreground vs background
-    # per-class ratios of patch centres, one per label incl. background (RandCropByLabelClassesd); replaces pos_neg
-    class_ratios: tuple[float, ...] | None = None
+    class_ratios: tuple[float, ...] | None = None  # per label incl. background (RandCropByLabelClassesd)
     flip_prob: float = 0.0  # 0 by default: flips swap left/right organs (kidney_left vs kidney_right)
     affine_prob: float = 0.2  # random rotation + scaling
     rotate_deg: float = 15.0
@@ -340,9 +339,7 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: CUDA only)
-    # auto | standard | channels_last: instance norm as GroupNorm(C, C) in channels-last (engine/step.py);
-    # auto = channels_last for fp32 on a CPU without native bf16, where it measured faster
-    layout: str = "auto"
+    layout: str = "auto"  # auto | standard | channels_last (GroupNorm(C, C) norms): engine/step.py
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
     init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)
