@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,34 +119,37 @@ class AblationPhantoms:
     shape: tuple[int, int, int] = (96, 96, 40)
 
 
-def _settings(out: Path, phantoms: AblationPhantoms) -> dict:
+def _settings(out: Path, phantoms: AblationPhantoms, overrides: Sequence[str]) -> dict:
     wanted = {
         "kind": phantoms.kind,
         "train_cases": phantoms.train_cases,
         "test_cases": phantoms.test_cases,
         "shape": list(phantoms.shape),
         "phantom_seed": PHANTOM_SEED,
+        "overrides": list(overrides),
     }
     path = out / "ablation.json"
     if path.exists():
         held = json.loads(path.read_text())
         if held != wanted:
             raise ConfigError(
-                f"{out} holds an ablation of {held}, not {wanted}: use another --out for other phantoms"
+                f"{out} holds an ablation of {held}, not {wanted}: use another --out for other phantoms or budget"
             )
     return wanted
 
 
-def prepare_data(out: Path, phantoms: AblationPhantoms) -> Path:
+def prepare_data(out: Path, phantoms: AblationPhantoms, overrides: Sequence[str] = ()) -> Path:
     """The phantoms of this ablation folder, written once (under a lock, into a temporary folder that is
     renamed when complete)."""
-    settings = _settings(out, phantoms)
+    settings = _settings(out, phantoms, overrides)
     data = out / "data"
     lock = out / "locks" / "data.lock"
     while not (data / "dataset.json").exists():
         if take_lock(lock):
             try:
                 if not (data / "dataset.json").exists():
+                    for stale in out.glob(".data.tmp*"):  # a killed writer's; we hold the lock
+                        shutil.rmtree(stale, ignore_errors=True)
                     tmp = out / f".data.tmp{os.getpid()}"
                     write_msd_dataset(
                         tmp,
@@ -289,7 +293,7 @@ def run_ablation(
         for seed in seeds
     }
     out.mkdir(parents=True, exist_ok=True)
-    prepare_data(out, phantoms)
+    prepare_data(out, phantoms, extra_overrides)
     for (name, seed), cfg in configs.items():
         key = run_name(name, seed)
         if (out / "results" / f"{key}.json").exists():
