@@ -5,8 +5,10 @@ Measured in a fresh Python process so that the peak-RSS figure is not polluted b
 * parameters; GFLOPs of one forward pass on a ``1×1×size³`` patch (``torch.utils.flop_counter``,
   multiply-add = 2 FLOPs, convolutions and matmuls only);
 * CPU milliseconds per forward (median of ``repeats`` after one untimed pass, eval mode, no grad);
-* peak memory: growth of the process's peak RSS during those passes, after a warm-up forward on a 64³ input
-  (weights, imports and the allocator's first arena are in the baseline).
+* peak memory: growth of the process's peak RSS (``VmHWM`` of ``/proc/self/status``, reset after the warm-up;
+  ``ru_maxrss`` is not used: Linux carries it over from the parent across ``exec``, so a large parent hid the
+  growth) during those passes, after a warm-up forward on a 64³ input (weights, imports and the allocator's first
+  arena are in the baseline).
 """
 
 from __future__ import annotations
@@ -18,20 +20,28 @@ import sys
 from medseg.config import ModelConfig, config_to_dict
 
 _PROBE = r"""
-import json, resource, statistics, sys, time, torch
+import json, statistics, sys, time, torch
 from medseg.config import ModelConfig
 from medseg.nets.registry import build_network
 torch.set_num_threads(int(sys.argv[3]))
 model = ModelConfig(**json.loads(sys.argv[1])); size = int(sys.argv[2]); repeats = int(sys.argv[4])
 net = build_network(model, 1, int(sys.argv[5])).eval()
 x = torch.randn(1, 1, size, size, size)
+def status(key):  # kB, this process's own memory map (not inherited across exec, unlike ru_maxrss)
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
 with torch.no_grad():
     net(torch.randn(1, 1, 64, 64, 64))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the high-water mark to the current RSS
+    except OSError:
+        pass
+    before = max(status("VmRSS"), status("VmHWM"))
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter(); net(x); times.append(time.perf_counter() - t)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = status("VmHWM")
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         net(x)
