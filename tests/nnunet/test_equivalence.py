@@ -74,7 +74,8 @@ def test_equal_to_nnunet_predictor(folders, kind, scan, folds, tta):
     assert np.array_equal(labels, seg)
     assert len(np.unique(seg)) > 1  # the comparison is not between two empty maps
     for backend in ("openvino", "torch"):  # the default precision (bf16 where native, else fp32) on each
-        fast = NnunetPredictor(model, SegmentOptions(device="cpu", tta=tta, backend=backend)).predict(str(path))
+        options = SegmentOptions(device="cpu", tta=tta, backend=backend)
+        fast = NnunetPredictor(model, options).predict(str(path))
         assert fast.info["backend"] == backend
         fast_labels = fast.labels.transpose(2, 1, 0)
         for label in range(1, 7):
