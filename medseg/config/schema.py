@@ -339,7 +339,7 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: CUDA only)
-    layout: str = "auto"  # auto | standard | channels_last (GroupNorm(C, C) norms): engine/step.py
+    layout: str = "auto"  # auto (= standard) | standard | channels_last: engine/step.py
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
     init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)

@@ -1,6 +1,6 @@
 """``train.layout``: training channels-last with instance norms as ``GroupNorm(C, C)`` gives the gradients of the
-standard layout (up to float rounding), the same checkpoint keys, and ``auto`` picks it only where it measured
-faster (float32 on a CPU without native bf16)."""
+standard layout (up to float rounding) and the same checkpoint keys; ``auto`` does not pick it (it measured
+slower end to end)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,8 @@ def test_auto_layout_rule(monkeypatch):
     cpu, fp32, bf16 = torch.device("cpu"), Precision("fp32", None), Precision("bf16", torch.bfloat16)
     assert training_layout("channels_last", cpu, bf16) and not training_layout("standard", cpu, fp32)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a CPU without native bf16 (medseg.device)
-    assert training_layout("auto", cpu, fp32)
-    assert not training_layout("auto", cpu, bf16)
-    assert not training_layout("auto", torch.device("cuda"), fp32)
+    # measured slower end to end there (docs/speed.md): auto keeps the standard layout
+    assert not training_layout("auto", cpu, fp32) and not training_layout("auto", cpu, bf16)
 
 
 def test_a_channels_last_run_writes_a_standard_checkpoint(tmp_path, tiny_dataset):
