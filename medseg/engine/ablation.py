@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,7 @@ def load_results(out: str | os.PathLike) -> list[dict]:
         try:
             results.append(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
-            print(f"warning: {path}: unreadable result ({exc}); run it again after removing it")
+            warnings.warn(f"{path}: unreadable result ({exc}); remove it to run it again", stacklevel=2)
     return results
 
 
