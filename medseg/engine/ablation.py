@@ -295,6 +295,7 @@ def run_ablation(
     }
     out.mkdir(parents=True, exist_ok=True)
     prepare_data(out, phantoms, extra_overrides)
+    report_current = False
     for (name, seed), cfg in configs.items():
         key = run_name(name, seed)
         if (out / "results" / f"{key}.json").exists():
@@ -314,8 +315,10 @@ def run_ablation(
             f"{key:<28} mean Dice {np.nanmean(list(dice.values())):.3f}  pancreas {dice.get('pancreas', np.nan):.3f}"
             f"  train {result['train_s']:.0f} s"
         )
+        write_report(out)  # after each run: the tables of a long ablation stay current
+        report_current = True
+    if not report_current:
         write_report(out)
-    write_report(out)
     wanted = {run_name(n, s) for n in names for s in seeds}
     return [r for r in load_results(out) if run_name(r["variant"], r["seed"]) in wanted]
 
