@@ -2,7 +2,7 @@
 process, alternating, 2 threads, wall time and peak RSS.
 
     python -m benchmarks.nnunet_speed --model FOLDER --ct CT.nii.gz [--folds 0] [--tta both|on|off]
-        [--runs 2] [--threads 2] [--keep DIR]
+        [--runs 2] [--threads 2] [--keep DIR] [--contestants nnunet,medseg,medseg-fp32]
     python -m benchmarks.nnunet_speed --demo [--size 64 64 40]     # a tiny folder and phantom, to check it runs
 
 **Contestants**, each a child process with ``OMP_NUM_THREADS`` = ``--threads`` (peak RSS from ``os.wait4``,
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", type=Path)
+    ap.add_argument(
+        "--contestants",
+        default="nnunet,medseg,medseg-fp32",
+        help="Comma-separated subset of nnunet, medseg, medseg-fp32 (nnunet and medseg give the ratio).",
+    )
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--size", type=int, nargs=3, default=[64, 64, 40])
     args = ap.parse_args(argv)
@@ -107,12 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     env.setdefault("nnUNet_results", str(work))  # silences nnU-Net's path warnings; nothing is read there
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     settings = {"both": [True, False], "on": [True], "off": [False]}[args.tta]
+    chosen = [c.strip() for c in args.contestants.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - {"nnunet", "medseg", "medseg-fp32"})
+    if unknown or not chosen:
+        ap.error(f"--contestants: unknown {', '.join(unknown) or '(none given)'}")
     print(f"model {args.model}, CT {args.ct}, folds {' '.join(args.folds)}, {args.threads} threads")
     print(f"{'TTA':<4} {'contestant':<12} {'wall s (median)':>16} {'peak RSS GB':>12}  runs")
     for tta in settings:
         results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(args.runs):
             for name, cmd in commands(args.model, args.ct, work, args.folds, tta).items():
+                if name not in chosen:
+                    continue
                 wall, peak, _ = timed_child(cmd, env, work / f"{name}.log")
                 results.setdefault(name, []).append((wall, peak))
         for name, runs in results.items():
@@ -121,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{'on' if tta else 'off':<4} {name:<12} {wall:>16.2f} {peak:>12.2f}  {[round(w, 2) for w, _ in runs]}"
             )
-        ratio = statistics.median(w for w, _ in results["nnunet"]) / statistics.median(
-            w for w, _ in results["medseg"]
-        )
-        print(f"{'on' if tta else 'off':<4} nnU-Net wall / medseg wall = {ratio:.2f}")
+        if "nnunet" in results and "medseg" in results:
+            ratio = statistics.median(w for w, _ in results["nnunet"]) / statistics.median(
+                w for w, _ in results["medseg"]
+            )
+            print(f"{'on' if tta else 'off':<4} nnU-Net wall / medseg wall = {ratio:.2f}")
 
 
 if __name__ == "__main__":

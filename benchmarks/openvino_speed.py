@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.bench_vs_monai import PATCH, REAL_CT, windows
 from benchmarks.speed import random_checkpoint, timed_child
@@ -112,10 +113,64 @@ def _cpu_model() -> str:
     return f"{model} (family {family} model {number})"
 
 
-def store_int8(ckpt: Path, ct: Path, windows_n: int = 16) -> None:
+def quantized_positions(graph: Any) -> set[tuple[str, int]]:
+    """The operations of ``graph`` with a FakeQuantize on an input, as (type, ordinal among the operations of
+    that type in execution order): a name-free address that holds across widths and window sizes of one
+    architecture: :func:`store_int8` carries a trained model's float choices onto the benchmark's network so."""
+    found, seen = set(), {}
+    for op in graph.get_ordered_ops():
+        kind = op.get_type_name()
+        seen[kind] = seen.get(kind, -1) + 1
+        if any(
+            op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size())
+        ):
+            found.add((kind, seen[kind]))
+    return found
+
+
+def names_at(graph: Any, positions: set[tuple[str, int]]) -> list[str]:
+    """The friendly names of ``graph``'s operations at ``positions`` (:func:`quantized_positions`)."""
+    names, seen = [], {}
+    for op in graph.get_ordered_ops():
+        kind = op.get_type_name()
+        seen[kind] = seen.get(kind, -1) + 1
+        if (kind, seen[kind]) in positions:
+            names.append(op.get_friendly_name())
+    return names
+
+
+def reverted_positions(trained: Path) -> set[tuple[str, int]]:
+    """The positions NNCF's accuracy control returned to float in ``trained``'s stored int8 graph (``medseg
+    quantize``): quantized in a plain quantization of its network, not in the stored graph."""
+    import tempfile as tf
+
+    import numpy as np
+
+    from medseg.inference import Predictor
+    from medseg.inference.openvino_backend import build_graph
+    from medseg.inference.quantize import int8_key, quantize_graph, stored_int8
+
+    exact = Predictor(trained, device="cpu", precision="fp32")
+    key = int8_key(exact.checkpoint_sha256[0], exact.roi_size, exact.sw_batch_size, exact.plan.in_channels)
+    found = stored_int8(trained, key)
+    if found is None or not (found[1].get("control") or {}):
+        raise SystemExit(
+            f"{trained}: no int8 graph made under accuracy control (run `medseg quantize` on it)"
+        )
+    with tf.TemporaryDirectory() as scratch:
+        graph = build_graph(exact.model, key, Path(scratch))
+    rng = np.random.default_rng(0)
+    shape = (key.batch, key.in_channels, *key.window)
+    plain = quantize_graph(graph, [rng.normal(size=shape).astype(np.float32) for _ in range(2)])
+    return quantized_positions(plain) - quantized_positions(found[0])
+
+
+def store_int8(ckpt: Path, ct: Path, windows_n: int = 16, like: Path | None = None) -> None:
     """An int8 graph of ``ckpt`` in its OpenVINO cache, calibrated on ``windows_n`` window batches of ``ct``
     (:mod:`medseg.inference.quantize`'s steps 1 and 3, not its agreement check: the benchmark's network has
-    random weights, so only its speed means something; ``--precision int8`` runs it, ``auto`` would not)."""
+    random weights, so only its speed means something; ``--precision int8`` runs it, ``auto`` would not).
+    ``like``: a trained checkpoint of the same architecture quantized under accuracy control — the operations
+    at the positions it returned to float (:func:`reverted_positions`) stay float here too."""
     import tempfile as tf
 
     from medseg.inference import Predictor
@@ -126,11 +181,18 @@ def store_int8(ckpt: Path, ct: Path, windows_n: int = 16) -> None:
     key = int8_key(exact.checkpoint_sha256[0], exact.roi_size, exact.sw_batch_size, exact.plan.in_channels)
     if stored_int8(ckpt, key) is not None:
         return
+    positions = reverted_positions(like) if like is not None else set()
     cut = calibration_windows([exact.prepare(ct).image.as_tensor()], key.window, key.batch, windows_n)
     with tf.TemporaryDirectory() as scratch:
         graph = build_graph(exact.model, key, Path(scratch))
-    record = {"calibration": {"cases": [str(ct)], "windows": windows_n * key.batch}, "agreement": None}
-    store_entry(quantize_graph(graph, cut), cache_root(ckpt), key, record)
+    record = {
+        "calibration": {"cases": [str(ct)], "windows": windows_n * key.batch},
+        "float_like": None if like is None else {"checkpoint": str(like), "positions": sorted(positions)},
+        "agreement": None,
+    }
+    quantized = quantize_graph(graph, cut, float_ops=names_at(graph, positions))
+    print(f"int8 graph: {len(positions)} positions left in float", flush=True)
+    store_entry(quantized, cache_root(ckpt), key, record)
 
 
 def _load() -> str:
@@ -210,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep the files")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     parser.add_argument("--int8", action="store_true", help="also medseg --precision int8 (store_int8)")
+    parser.add_argument(
+        "--int8-like",
+        type=Path,
+        default=None,
+        help="a trained checkpoint quantized by `medseg quantize` (accuracy control): keep its float choices",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["auto", "torch"], help="leave out these")
     parser.add_argument("--segment", action="store_true", help=argparse.SUPPRESS)  # the medseg child
     parser.add_argument("--ct", type=Path, help=argparse.SUPPRESS)
@@ -237,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ckpt.is_file():
             random_checkpoint(ckpt, CLASSES)
         if args.int8:
-            store_int8(ckpt, ct)
+            store_int8(ckpt, ct, like=args.int8_like)
         import openvino as ov
 
         header = {

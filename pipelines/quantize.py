@@ -5,7 +5,7 @@ agreement check.
 checkpoint) and the dataset's test images (``imagesTs/``), up to ``--check``; only when there are none does the
 check fall back to training cases (said in the output: a model agrees with itself best on what it was trained on,
 so that check is optimistic). **Calibration** takes ``--calibration`` of the remaining training cases (shuffled
-with ``--seed``). Exit 0 when the check held (``--precision auto`` will then use int8), 1 when it did not (the
+with ``--seed``), **accuracy control** the next ``--control`` of them (none are check cases). Exit 0 when the check held (``--precision auto`` will then use int8), 1 when it did not (the
 graph is stored but only ``--precision int8`` uses it), 2 on unusable input (one ``error:`` line).
 """
 
@@ -28,6 +28,16 @@ def quantize_command(
         int,
         typer.Option(help="Held-out cases (validation, then test) segmented by fp32 and int8 for the check."),
     ] = 4,
+    control: Annotated[
+        int,
+        typer.Option(
+            help="Other training cases for NNCF's accuracy control (layers that cost agreement go back to "
+            "float); 0: plain quantization."
+        ),
+    ] = 6,
+    max_drop: Annotated[
+        float, typer.Option(help="Accuracy control: allowed fall of the lowest per-label Dice vs fp32.")
+    ] = 0.004,
     windows: Annotated[int, typer.Option(help="Calibration items (each one window batch).")] = 32,
     seed: Annotated[int, typer.Option(help="Shuffles the cases and places the windows.")] = 0,
 ) -> None:
@@ -41,8 +51,10 @@ def quantize_command(
     from medseg.io import InputError
 
     try:
-        if calibration < 1 or check < 1 or windows < 1:
-            raise InputError("--calibration, --check and --windows must be at least 1")
+        if calibration < 1 or check < 1 or windows < 1 or control < 0:
+            raise InputError("--calibration, --check and --windows must be at least 1, --control at least 0")
+        if not 0.0 < max_drop < 1.0:
+            raise InputError(f"--max-drop must lie between 0 and 1 (got {max_drop})")
         paths = resolve_checkpoints(checkpoint)
         if len(paths) != 1:
             raise InputError(f"{checkpoint}: {len(paths)} checkpoints found; quantize one file at a time")
@@ -59,6 +71,7 @@ def quantize_command(
             )
         check_cases = [held_out[n] for n in sorted(held_out)][:check]
         calibration_cases = [cases[n] for n in names[:calibration]]
+        control_cases = [cases[n] for n in names[calibration : calibration + control] if n not in held_out]
         record = quantize_checkpoint(
             paths[0],
             calibration_cases,
@@ -66,6 +79,8 @@ def quantize_command(
             windows=windows,
             seed=seed,
             log=typer.echo,
+            control=control_cases,
+            max_drop=max_drop,
         )
     except InputError as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)

@@ -10,7 +10,11 @@
    integer-arithmetic-only inference") on windows cut from training cases: each case preprocessed exactly as
    inference preprocesses it (:meth:`medseg.inference.Predictor.prepare`), windows of the inference window
    size at seeded random positions (:func:`calibration_windows`), ``batch`` per item as the sliding window
-   sends them.
+   sends them. **Accuracy control** (the default, ``nncf.quantize_with_accuracy_control``): on windows of
+   *other* training cases, the lowest per-label Dice of the graph's labels against exact fp32 (PyTorch) labels
+   (:class:`WindowAgreement`) may fall at most :data:`MAX_DROP` below the float graph's; where int8 falls
+   further, NNCF ranks the quantized operations by how much each costs and returns the worst to float, one group
+   at a time, until it holds — a mixed int8/float graph instead of a refusal.
 2. **The agreement check** — the quantized graph against the exact reference (PyTorch fp32) on held-out cases
    (``medseg quantize`` takes the run's validation cases and the dataset's test images: a model agrees with
    itself best on what it was trained on, so training cases make an optimistic check): per label the Dice of the two label maps, the whole
@@ -46,6 +50,45 @@ from medseg.io import InputError
 
 #: The agreement bound: Dice of the int8 label map against exact fp32, per label, on held-out cases.
 AGREEMENT = 0.99
+
+#: Accuracy control's allowance: how far the window-level agreement (lowest per-label Dice against exact fp32 on
+#: the control windows) may fall below the float graph's. Stricter than the bound's 0.01 because the control
+#: windows are training cases, where a model agrees with itself more easily than on the held-out check.
+MAX_DROP = 0.004
+
+
+class WindowAgreement:
+    """NNCF's ``validation_fn`` for accuracy control: the lowest per-label Dice of a compiled graph's labels
+    against ``reference`` (exact fp32 labels, one array per window batch), pooled over the items it is given.
+
+    Items are ``(index, window batch)`` pairs so that any subset NNCF validates is compared with its own
+    references; also returns each item's voxel agreement, by which NNCF ranks the items.
+    """
+
+    def __init__(self, reference: Sequence[np.ndarray], labels: Sequence[int]):
+        self.reference = list(reference)
+        self.labels = [int(v) for v in labels]
+
+    def __call__(self, compiled: Any, items: Any) -> tuple[float, list[float]]:
+        pairs = [(int(i), np.asarray(compiled(window)[0]).argmax(1)) for i, window in items]
+        if not pairs:
+            return 1.0, []
+        got = np.concatenate([labels.ravel() for _, labels in pairs])
+        want = np.concatenate([self.reference[i].ravel() for i, _ in pairs])
+        scores = [d for v in self.labels if (d := _dice(got == v, want == v)) is not None]
+        per_item = [float(np.mean(labels == self.reference[i])) for i, labels in pairs]
+        return (min(scores) if scores else 1.0), per_item
+
+
+def reference_labels(model: torch.nn.Module, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Exact fp32 (PyTorch eager) labels of each window batch: the reference accuracy control holds int8 to."""
+    out = []
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(torch.from_numpy(window).float())
+            logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+            out.append(logits.argmax(1).to(torch.uint8).numpy())
+    return out
 
 
 def int8_key(sha256: str, window: Sequence[int], batch: int, in_channels: int) -> GraphKey:
@@ -100,20 +143,46 @@ def calibration_windows(
     return [np.stack(cut[i : i + batch]) for i in range(0, len(cut), batch)]
 
 
-def quantize_graph(graph: Any, windows: Sequence[np.ndarray]) -> Any:
-    """``nncf.quantize`` of an OpenVINO graph on the calibration ``windows`` (module docstring, step 1)."""
+def quantize_graph(
+    graph: Any,
+    windows: Sequence[np.ndarray],
+    control: tuple[Sequence[np.ndarray], WindowAgreement] | None = None,
+    max_drop: float = MAX_DROP,
+    float_ops: Sequence[str] = (),
+) -> Any:
+    """``nncf.quantize`` of an OpenVINO graph on the calibration ``windows``, or with ``control`` = (control
+    windows, their :class:`WindowAgreement`) ``nncf.quantize_with_accuracy_control`` (module docstring, step 1);
+    ``float_ops``: names of further operations to leave in float."""
     try:
         import nncf
     except ImportError as exc:
         raise InputError(f"int8 quantization needs NNCF: pip install 'medseg[openvino]' ({exc})") from None
-    return nncf.quantize(
+    common = {
+        "subset_size": len(windows),
+        "fast_bias_correction": True,
+        "preset": nncf.QuantizationPreset.MIXED,
+        "ignored_scope": nncf.IgnoredScope(names=[*float_convolutions(graph), *float_ops], validate=False),
+    }
+    calibration = nncf.Dataset(list(windows))
+    if control is None:
+        return nncf.quantize(graph, calibration, **common)
+    items, metric = control
+    return nncf.quantize_with_accuracy_control(
         graph,
-        nncf.Dataset(list(windows)),
-        subset_size=len(windows),
-        fast_bias_correction=True,
-        preset=nncf.QuantizationPreset.MIXED,
-        ignored_scope=nncf.IgnoredScope(names=float_convolutions(graph), validate=False),
+        calibration,
+        nncf.Dataset(list(enumerate(items)), lambda item: item[1]),
+        validation_fn=metric,
+        max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        **common,
     )
+
+
+def quantized_share(graph: Any) -> tuple[int, int]:
+    """``(int8, all)`` convolutions of ``graph``: those whose input passes a FakeQuantize run in int8."""
+    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    quantized = sum(op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in convolutions)
+    return quantized, len(convolutions)
 
 
 def float_convolutions(graph: Any) -> list[str]:
@@ -147,11 +216,14 @@ def quantize_checkpoint(
     windows: int = 32,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    control: Sequence[str | os.PathLike] = (),
+    max_drop: float = MAX_DROP,
 ) -> dict[str, Any]:
-    """Quantize ``checkpoint``'s network on windows of the ``calibration`` scans, check it against exact fp32
-    on the ``check`` scans, store it (module docstring). Returns the record written to the cache manifest:
-    ``calibration`` (cases, windows, seed) and ``agreement`` (per case and label the Dice, the minimum, and
-    ``holds``).
+    """Quantize ``checkpoint``'s network on windows of the ``calibration`` scans — under accuracy control on
+    windows of the ``control`` scans where any are given — check it against exact fp32 on the ``check``
+    scans, store it (module docstring). Returns the record written to the cache manifest: ``calibration``
+    (cases, windows, seed), ``control`` (cases, windows, max_drop, or None), ``convolutions`` (int8 and all)
+    and ``agreement`` (per case and label the Dice, the minimum, and ``holds``).
 
     Raises:
         InputError: no calibration or check scans, a scan that cannot be read, NNCF or OpenVINO missing.
@@ -169,9 +241,19 @@ def quantize_checkpoint(
     cut = calibration_windows(images, key.window, key.batch, windows, seed)
     del images
     log(f"calibrating on {len(cut) * key.batch} windows from {len(calibration)} case(s)")
+    checked = None
+    if control:
+        images = [exact.prepare(path).image.as_tensor() for path in control]
+        items = calibration_windows(images, key.window, key.batch, windows, seed + 1)
+        del images
+        labels = [v for v in exact.label_names.values() if v > 0]
+        checked = (items, WindowAgreement(reference_labels(exact.model, items), labels))
+        log(f"accuracy control on {len(items) * key.batch} windows from {len(control)} other case(s)")
     with tempfile.TemporaryDirectory(prefix="medseg-quantize-") as scratch:
         graph = build_graph(exact.model, key, Path(scratch))
-    quantized = quantize_graph(graph, cut)
+    quantized = quantize_graph(graph, cut, checked, max_drop)
+    int8_convolutions, all_convolutions = quantized_share(quantized)
+    log(f"{int8_convolutions} of {all_convolutions} convolutions in int8")
     root = cache_root(checkpoint)
     record: dict[str, Any] = {
         "calibration": {
@@ -179,6 +261,14 @@ def quantize_checkpoint(
             "windows": len(cut) * key.batch,
             "seed": seed,
         },
+        "control": None
+        if checked is None
+        else {
+            "cases": [str(p) for p in control],
+            "windows": len(checked[0]) * key.batch,
+            "max_drop": max_drop,
+        },
+        "convolutions": {"int8": int8_convolutions, "all": all_convolutions},
         "agreement": None,  # not checked yet: `auto` does not take it
     }
     store_entry(quantized, root, key, record)

@@ -236,6 +236,8 @@ SCANS = {
     "ras": {"seed": 3, "shape": (64, 64, 40), "fov_mm": (300.0, 300.0, 200.0), "orientation": "RAS"},
     "lps": {"seed": 4, "shape": (64, 64, 40), "fov_mm": (300.0, 300.0, 200.0), "orientation": "LPS"},
     "thick": {"seed": 5, "shape": (64, 64, 40), "fov_mm": (96.0, 96.0, 200.0), "orientation": "LPS"},
+    # RAS at 2.5 mm in-plane: the anisotropic plan (2 mm) resamples it to 80×80, not the 150×150 of "ras"
+    "ras_fine": {"seed": 6, "shape": (64, 64, 40), "fov_mm": (160.0, 160.0, 200.0), "orientation": "RAS"},
 }
 
 

@@ -26,7 +26,7 @@ def folders(tmp_path_factory):
     for kind in ("iso", "aniso"):
         out[kind] = write_model_folder(tmp_path_factory.mktemp(kind), kind, folds=(0, 1))
     scans = tmp_path_factory.mktemp("scans")
-    out["scans"] = {name: write_scan(scans, name) for name in ("ras", "lps", "thick")}
+    out["scans"] = {name: write_scan(scans, name) for name in ("ras", "lps", "thick", "ras_fine")}
     return out
 
 
@@ -54,7 +54,7 @@ CASES = [  # the fast path's back ends checked per case (OpenVINO conversions co
     ("iso", "lps", (0,), False, ("torch",)),  # LPS with a zero border (cropped), transposed plan, no TTA
     ("iso", "ras", (0, 1), True, ("openvino", "torch")),  # RAS, two folds, mirroring
     ("aniso", "thick", (0,), True, ("openvino",)),  # 1.5×1.5×5 mm scan: separate z both ways
-    ("aniso", "ras", (0, 1), False, ("torch",)),
+    ("aniso", "ras_fine", (0, 1), False, ("torch",)),  # RAS, two folds, in-plane resampling only
 ]
 
 
