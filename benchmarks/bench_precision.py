@@ -1,16 +1,18 @@
 """Agreement of the fast default precision with float32 on a trained model: the bound the default is held to.
 
     python -m benchmarks.bench_precision [--model RUN/best.pt --data DATA] [--epochs 8] [--out DIR] [--json FILE]
+        [--precision auto|bf16|int8] [--with-validation]
 
 ``medseg segment``'s default precision (``auto``: bf16 where the CPU computes it natively, channels-last — see
 :mod:`medseg.inference.fast`) is the default only if its masks agree with exact float32 (``--precision fp32``):
 **Dice ≥ 0.99 per label on every held-out case** of the demo's phantoms. This script measures that:
 
 1. a trained model: ``--model`` (with ``--data``, a phantom dataset with ``imagesTs``/``labelsTs``), or it
-   generates the demo's phantoms (``medseg demo``'s 12 + 4 cases, 96×96×40, seed 2026) and trains the demo
-   recipe (``configs/demo.yaml``) for ``--epochs`` epochs (the recipe's own is 22; fewer is a weaker model,
+   generates the demo's phantoms (``medseg demo``'s 30 + 4 cases, 96×96×40, seed 2026) and trains the demo
+   recipe (``configs/demo.yaml``) for ``--epochs`` epochs (the recipe's own is 16; fewer is a weaker model,
    whose less confident logits make the bound harder to meet, not easier);
-2. every held-out case segmented by :class:`medseg.inference.Predictor` with ``precision="fp32"`` and with the
+2. every held-out case (the test images; with ``--with-validation`` also the run's validation cases named in
+   ``validation.json`` beside the checkpoint, never trained on) segmented by :class:`medseg.inference.Predictor` with ``precision="fp32"`` and with the
    default, postprocessing as recorded in the checkpoint (what ``medseg segment`` does);
 3. Dice per label between the two masks, and each against the ground truth.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 #: What ``medseg demo`` generates (pipelines/demo.py): training and held-out phantoms, shape, seed.
-DEMO_TRAIN_CASES, DEMO_TEST_CASES, DEMO_SHAPE, DEMO_SEED = 12, 4, (96, 96, 40), 2026
+DEMO_TRAIN_CASES, DEMO_TEST_CASES, DEMO_SHAPE, DEMO_SEED = 30, 4, (96, 96, 40), 2026
 #: Dice per label the default precision's masks must reach against float32's on every held-out case.
 BOUND = 0.99
 
@@ -47,7 +49,17 @@ def train_demo_model(out: Path, epochs: int, log=print) -> tuple[Path, Path]:
     return run / "best.pt", data
 
 
-def agreement(model: Path, data: Path, precision: str = "auto") -> dict:
+def held_out(model: Path, data: Path, with_validation: bool) -> list[Path]:
+    """The test images, and with ``with_validation`` the run's validation cases (``validation.json``)."""
+    images = sorted((data / "imagesTs").glob("*.nii.gz"))
+    record = model.parent / "validation.json"
+    if with_validation and record.is_file():
+        names = json.loads(record.read_text()).get("cases") or []
+        images = [data / "imagesTr" / f"{n}.nii.gz" for n in names] + images
+    return images
+
+
+def agreement(model: Path, data: Path, precision: str = "auto", with_validation: bool = False) -> dict:
     """Dice per label of ``precision``'s masks against fp32's, and of both against the ground truth."""
     import nibabel as nib
 
@@ -59,8 +71,8 @@ def agreement(model: Path, data: Path, precision: str = "auto") -> dict:
     names = {v: k for k, v in exact.label_names.items() if v}
     out: dict = {"model": str(model), "precision": fast.precision, "cases": {}, "seconds": {}}
     seconds = {"fp32": 0.0, fast.precision: 0.0}
-    for image in sorted((data / "imagesTs").glob("*.nii.gz")):
-        truth_path = data / "labelsTs" / image.name
+    for image in held_out(model, data, with_validation):
+        truth_path = data / ("labelsTs" if image.parent.name == "imagesTs" else "labelsTr") / image.name
         truth = np.asarray(nib.load(truth_path).dataobj) if truth_path.is_file() else None
         masks = {}
         for name, predictor in (("fp32", exact), (fast.precision, fast)):
@@ -95,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=None, help="dataset root with imagesTs/labelsTs")
     parser.add_argument("--epochs", type=int, default=8, help="demo training epochs when --model is absent")
     parser.add_argument("--precision", default="auto", help="the precision to hold to the bound")
+    parser.add_argument("--with-validation", action="store_true", help="also the run's validation cases")
     parser.add_argument("--out", type=Path, default=Path("bench_precision_out"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -105,10 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         args.model, data = train_demo_model(args.out, args.epochs, log=lambda *_: None)
     else:
         data = args.data or args.model.parent.parent / "data"
-    result = agreement(args.model, data, args.precision)
+    result = agreement(args.model, data, args.precision, args.with_validation)
     fast = result["precision"]
     labels = list(result["summary"]["min_dice_vs_fp32_per_label"])
-    print(f"model {args.model}; held-out cases in {data / 'imagesTs'}; {fast} vs fp32 (Dice per label)")
+    where = "the run's validation cases and " * args.with_validation + str(data / "imagesTs")
+    print(f"model {args.model}; held-out cases: {where}; {fast} vs fp32 (Dice per label)")
     print(f"{'case':<22}" + "".join(f"{n[:12]:>13}" for n in labels) + f"{'voxels differ':>15}")
     for name, case in result["cases"].items():
         row = "".join(f"{case['vs_fp32'][n]:>13.4f}" for n in labels)
