@@ -162,7 +162,19 @@ def reverted_positions(trained: Path) -> set[tuple[str, int]]:
     rng = np.random.default_rng(0)
     shape = (key.batch, key.in_channels, *key.window)
     plain = quantize_graph(graph, [rng.normal(size=shape).astype(np.float32) for _ in range(2)])
-    return quantized_positions(plain) - quantized_positions(found[0])
+    # operations whose own quantizer was removed (norms, gates, upsampling), and the convolutions that no longer
+    # read int8 (their quantizer may sit before a pooling or a concatenation, which must not be the one ignored)
+    moved = {(kind, i) for kind, i in quantized_positions(plain) - quantized_positions(found[0])}
+    moved = {(kind, i) for kind, i in moved if kind not in ("MaxPool", "Concat", "ShapeOf", "Convolution")}
+    return moved | (int8_convolutions(plain) - int8_convolutions(found[0]))
+
+
+def int8_convolutions(graph: Any) -> set[tuple[str, int]]:
+    """The positions of ``graph``'s convolutions that read int8 (:func:`medseg.inference.quantize.runs_int8`)."""
+    from medseg.inference.quantize import runs_int8
+
+    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    return {("Convolution", i) for i, op in enumerate(convolutions) if runs_int8(op)}
 
 
 def store_int8(ckpt: Path, ct: Path, windows_n: int = 16, like: Path | None = None) -> None:

@@ -178,11 +178,30 @@ def quantize_graph(
     )
 
 
+#: Operations int8 passes through unchanged: a convolution behind them reads the FakeQuantize before them.
+_INT8_TRANSPARENT = {"MaxPool", "Concat", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def runs_int8(op: Any) -> bool:
+    """Whether ``op``'s data input is quantized: a FakeQuantize directly before it, or before the
+    :data:`_INT8_TRANSPARENT` operations between them (every input of a Concat)."""
+
+    def quantized(node: Any, depth: int) -> bool:
+        kind = node.get_type_name()
+        if kind == "FakeQuantize":
+            return True
+        if kind not in _INT8_TRANSPARENT or depth > 8:
+            return False
+        inputs = range(node.get_input_size()) if kind == "Concat" else range(1)
+        return all(quantized(node.input_value(i).get_node(), depth + 1) for i in inputs)
+
+    return quantized(op.input_value(0).get_node(), 0)
+
+
 def quantized_share(graph: Any) -> tuple[int, int]:
-    """``(int8, all)`` convolutions of ``graph``: those whose input passes a FakeQuantize run in int8."""
+    """``(int8, all)`` convolutions of ``graph`` (:func:`runs_int8`)."""
     convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
-    quantized = sum(op.input_value(0).get_node().get_type_name() == "FakeQuantize" for op in convolutions)
-    return quantized, len(convolutions)
+    return sum(runs_int8(op) for op in convolutions), len(convolutions)
 
 
 def float_convolutions(graph: Any) -> list[str]:
