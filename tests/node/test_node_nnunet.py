@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 def test_node_segments_with_an_nnunet_folder(tmp_path, tiny_dataset, pacs):
     folder = write_model_folder(tmp_path / "model", "iso", folds=(0, 1))
     workdir = tmp_path / "node"
+    written = phantom_ct(tiny_dataset, tmp_path / "ct")  # before the node: --once exits after 1 s idle
     node = NodeProcess(workdir, folder, "--folds", "1", "--stable-seconds", "1", "--once", "--send", pacs.url)
-    written = phantom_ct(tiny_dataset, tmp_path / "ct")
     assert set(send(node.port, written.files)) == {0}
     assert node.wait() == 0, node.err.read_text()
     assert job_states(workdir) == [(1, "done")]

@@ -56,8 +56,8 @@ def _check_clean(workdir) -> None:
 
 def test_once_segments_and_sends_then_status(tmp_path, segmenting_run, tiny_dataset, pacs):
     workdir = tmp_path / "node"
+    written = phantom_ct(tiny_dataset, tmp_path / "ct")  # before the node: --once exits after 2 s idle
     node = NodeProcess(workdir, segmenting_run, "--stable-seconds", "2", "--once", "--send", pacs.url)
-    written = phantom_ct(tiny_dataset, tmp_path / "ct")
     assert set(send(node.port, written.files)) == {0}
     assert node.wait() == 0, node.err.read_text()
     assert job_states(workdir) == [(1, "done")]
