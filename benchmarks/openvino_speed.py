@@ -113,30 +113,31 @@ def _cpu_model() -> str:
     return f"{model} (family {family} model {number})"
 
 
-def quantized_positions(graph: Any) -> set[tuple[str, int]]:
-    """The operations of ``graph`` with a FakeQuantize on an input, as (type, ordinal among the operations of
-    that type in execution order): a name-free address that holds across widths and window sizes of one
-    architecture: :func:`store_int8` carries a trained model's float choices onto the benchmark's network so."""
-    found, seen = set(), {}
+def _addressed(graph: Any):
+    """``((type, ordinal among the operations of that type in execution order), op)`` for each operation: a
+    name-free address that holds across widths and window sizes of one architecture — :func:`store_int8`
+    carries a trained model's float choices onto the benchmark's network by it."""
+    seen: dict[str, int] = {}
     for op in graph.get_ordered_ops():
         kind = op.get_type_name()
         seen[kind] = seen.get(kind, -1) + 1
+        yield (kind, seen[kind]), op
+
+
+def quantized_positions(graph: Any) -> set[tuple[str, int]]:
+    """The addresses (:func:`_addressed`) of ``graph``'s operations with a FakeQuantize on an input."""
+    return {
+        where
+        for where, op in _addressed(graph)
         if any(
             op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size())
-        ):
-            found.add((kind, seen[kind]))
-    return found
+        )
+    }
 
 
 def names_at(graph: Any, positions: set[tuple[str, int]]) -> list[str]:
-    """The friendly names of ``graph``'s operations at ``positions`` (:func:`quantized_positions`)."""
-    names, seen = [], {}
-    for op in graph.get_ordered_ops():
-        kind = op.get_type_name()
-        seen[kind] = seen.get(kind, -1) + 1
-        if (kind, seen[kind]) in positions:
-            names.append(op.get_friendly_name())
-    return names
+    """The friendly names of ``graph``'s operations at ``positions`` (:func:`_addressed`)."""
+    return [op.get_friendly_name() for where, op in _addressed(graph) if where in positions]
 
 
 def reverted_positions(trained: Path) -> set[tuple[str, int]]:
@@ -164,17 +165,16 @@ def reverted_positions(trained: Path) -> set[tuple[str, int]]:
     plain = quantize_graph(graph, [rng.normal(size=shape).astype(np.float32) for _ in range(2)])
     # operations whose own quantizer was removed (norms, gates, upsampling), and the convolutions that no longer
     # read int8 (their quantizer may sit before a pooling or a concatenation, which must not be the one ignored)
-    moved = {(kind, i) for kind, i in quantized_positions(plain) - quantized_positions(found[0])}
+    moved = quantized_positions(plain) - quantized_positions(found[0])
     moved = {(kind, i) for kind, i in moved if kind not in ("MaxPool", "Concat", "ShapeOf", "Convolution")}
     return moved | (int8_convolutions(plain) - int8_convolutions(found[0]))
 
 
 def int8_convolutions(graph: Any) -> set[tuple[str, int]]:
-    """The positions of ``graph``'s convolutions that read int8 (:func:`medseg.inference.quantize.runs_int8`)."""
+    """The addresses of ``graph``'s convolutions that read int8 (:func:`medseg.inference.quantize.runs_int8`)."""
     from medseg.inference.quantize import runs_int8
 
-    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
-    return {("Convolution", i) for i, op in enumerate(convolutions) if runs_int8(op)}
+    return {where for where, op in _addressed(graph) if where[0] == "Convolution" and runs_int8(op)}
 
 
 def store_int8(ckpt: Path, ct: Path, windows_n: int = 16, like: Path | None = None) -> None:
