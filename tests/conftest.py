@@ -23,6 +23,7 @@ TINY_TRAIN = [
     "train.batch_size=1",
     "train.val_every=1",
     "train.progress=false",
+    "train.quantize=off",
     "infer.overlap=0.25",
     "data.val_fraction=0.25",
 ]

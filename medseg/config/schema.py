@@ -52,6 +52,7 @@ CACHE_MODES = ("memory", "disk", "none")  # see medseg.engine.caching
 #: ``train.precision``: autocast dtype of the training step (resolved per device by medseg.engine.step).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAIN_LAYOUTS = ("auto", "standard", "channels_last")
+TRAIN_QUANTIZE = ("auto", "on", "off")
 BLEND_MODES = ("gaussian", "constant")  # the sliding window's ``mode`` (medseg.inference.sliding)
 ORIENTATIONS = tuple(a + b + c for a in "RL" for b in "AP" for c in "SI") + tuple(
     a + b + c for a in "AP" for b in "RL" for c in "SI"
@@ -343,6 +344,9 @@ class TrainConfig(_Section):
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
     init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)
+    # int8 graph for the CPU at the end (`medseg quantize`, engine/int8.py): auto = where the openvino extra is
+    # installed | on (the extra required) | off
+    quantize: str = "auto"
 
     _name = "train"
     _ints = ("epochs", "iters_per_epoch", "val_every", "seed")
@@ -358,6 +362,9 @@ class TrainConfig(_Section):
             _choice("train.device", self.device, DEVICE_CHOICES)
         _choice("train.precision", self.precision, TRAIN_PRECISIONS)
         _choice("train.layout", self.layout, TRAIN_LAYOUTS)
+        if isinstance(self.quantize, bool):  # YAML reads a bare on / off as true / false
+            self._set("quantize", "on" if self.quantize else "off")
+        _choice("train.quantize", self.quantize, TRAIN_QUANTIZE)
         if self.max_minutes is not None:
             self._set("max_minutes", _number("train.max_minutes", self.max_minutes, float))
         if not isinstance(self.progress, bool):

@@ -15,6 +15,9 @@ One function, :func:`train`, driven by a resolved config (see :mod:`medseg.confi
 
 ``train.init_from`` starts from another run's weights and plan (fine-tuning, :mod:`.finetune`).
 
+At the end ``best.pt`` gets its checked int8 graph for CPU inference where OpenVINO is installed
+(``train.quantize``, :mod:`.int8`).
+
 ``fold=K`` trains fold K of a cross-validation run into ``train.output/fold_K`` (:mod:`.folds`). Under
 torchrun the same function trains data-parallel, rank 0 writing (:mod:`.distributed`).
 
@@ -53,6 +56,7 @@ from medseg.engine.distributed import Replicas, process_group, record_replicas
 from medseg.engine.final_validation import record_final_validation
 from medseg.engine.finetune import initial_checkpoint, load_initial_weights
 from medseg.engine.folds import prepare_fold, refuse_cross_validation_run
+from medseg.engine.int8 import quantize_run, require_quantizer
 from medseg.engine.step import train_step, training_layout, training_precision
 from medseg.engine.validation import ValidationCases, validate
 from medseg.inference.fast import instance_norms_as_group_norms
@@ -144,8 +148,13 @@ def train(
             the fingerprint (:func:`medseg.planning.run_plan.resolve_plan`); a resumed run keeps its own plan,
             the folds of a run the plan of its first fold.
     """
+    require_quantizer(cfg)
     with process_group(cfg.train.device) as replicas:
-        return _train(cfg, resume, log if replicas.is_main else _silent, fold, replicas, plan_path)
+        run = _train(cfg, resume, log if replicas.is_main else _silent, fold, replicas, plan_path)
+        main = replicas.is_main
+    if main:  # after the process group: the other ranks do not wait on it
+        quantize_run(cfg, run, log)
+    return run
 
 
 def _silent(*_args, **_kwargs) -> None:

@@ -21,6 +21,7 @@ QUICK = [
     "train.iters_per_epoch=1",
     "train.batch_size=1",
     "train.progress=false",
+    "train.quantize=off",
     "data.val_fraction=0",
     "infer.overlap=0",
     "infer.sw_batch_size=1",

@@ -27,6 +27,7 @@ CV_TRAIN = [
     "train.iters_per_epoch=1",
     "train.batch_size=1",
     "train.progress=false",
+    "train.quantize=off",
     "train.device=cpu",
     "infer.overlap=0.25",
 ]

@@ -33,6 +33,7 @@ DDP_TRAIN = [
     "train.iters_per_epoch=2",
     "train.batch_size=1",
     "train.progress=false",
+    "train.quantize=off",
     "train.device=cpu",
     "infer.overlap=0.25",
     "data.val_fraction=0.5",  # 2 validation cases: one per rank

@@ -32,6 +32,7 @@ def test_recipe_trains_two_iterations_and_the_checkpoint_loads(tiny_dataset, tmp
         "train.epochs=1",
         "train.iters_per_epoch=2",
         "train.progress=false",
+        "train.quantize=off",
         "data.val_fraction=0",  # no validation pass: the checkpoint is what is tested
     ]
     args = ["train", str(recipe_path("oktay2018_pancreas")), *(a for o in overrides for a in ("--set", o))]

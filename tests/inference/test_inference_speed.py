@@ -394,3 +394,22 @@ def test_restore_by_cells_resamples_noisy_slabs_whole():
     assert (restore._cell_labels(restore._argmax(probs), corners) == restore.MIXED).mean() > 0.5
     labels = restore.restore_labels_by_cells(probs, scale, offset, shape, slab_voxels=38 * 34 * 2)
     assert np.array_equal(labels, restore._argmax(restore.separable_resample(probs, scale, offset, shape)))
+
+
+def test_banded_products_equal_the_dense_ones(monkeypatch):
+    """The block-by-block interpolation products give the dense products' values (zoom, shift and zero padding
+    at both ends; blocks smaller than the matrix), and an axis left alone is an exact gather."""
+    import medseg.inference.restore as restore
+
+    values = torch.rand((3, 40, 11), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    coords = 0.37 * np.arange(150) - 3.3  # rows before, on and after the source
+    matrix = restore.interpolation_matrix(coords, 40)
+    assert matrix[0].sum() == 0 and matrix[-1].sum() == 0 and 0 < (matrix.sum(1) > 0).sum() < 150
+    for band in (7, 64, 1000):
+        monkeypatch.setattr(restore, "BAND", band)
+        left = restore._along(matrix, values, last=False)
+        right = restore._along(matrix, values.transpose(1, 2).contiguous(), last=True)
+        torch.testing.assert_close(left, matrix @ values, rtol=1e-15, atol=1e-15)
+        torch.testing.assert_close(right, values.transpose(1, 2) @ matrix.T, rtol=1e-15, atol=1e-15)
+    shift = restore.interpolation_matrix(np.arange(12) - 1.0, 11)  # one row beyond each end, the rest ones
+    assert torch.equal(restore._along(shift, values, last=True), values @ shift.T)
