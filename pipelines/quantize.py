@@ -44,7 +44,7 @@ def quantize_command(
     """Quantize a checkpoint's network to int8 for OpenVINO (NNCF post-training quantization), check it
     against exact fp32 on held-out cases (Dice ≥ 0.99 per label), store it beside the checkpoint."""
     from medseg.batch.inputs import resolve_checkpoints
-    from medseg.inference.quantize import AGREEMENT, quantize_dataset
+    from medseg.inference.quantize import AGREEMENT, CaseCounts, quantize_dataset
     from medseg.io import InputError
 
     try:
@@ -54,9 +54,7 @@ def quantize_command(
         record = quantize_dataset(
             paths[0],
             dataset,
-            calibration=calibration,
-            check=check,
-            control=control,
+            CaseCounts(calibration=calibration, check=check, control=control),
             windows=windows,
             seed=seed,
             max_drop=max_drop,

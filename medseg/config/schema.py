@@ -344,9 +344,7 @@ class TrainConfig(_Section):
     max_minutes: float | None = None  # stop cleanly after this wall time (checkpoint written)
     progress: bool = True
     init_from: str | None = None  # fine-tune from this checkpoint (engine/finetune.py)
-    # int8 graph for the CPU at the end (`medseg quantize`, engine/int8.py): auto = where the openvino extra is
-    # installed | on (the extra required) | off
-    quantize: str = "auto"
+    quantize: str = "auto"  # int8 graph at the end (engine/int8.py): auto (where openvino is) | on | off
 
     _name = "train"
     _ints = ("epochs", "iters_per_epoch", "val_every", "seed")
@@ -398,18 +396,6 @@ class InferConfig(_Section):
         _choice("infer.mode", self.mode, BLEND_MODES)
 
 
-SECTIONS: dict[str, type[_Section]] = {
-    "data": DataConfig,
-    "preprocess": PreprocessConfig,
-    "augment": AugmentConfig,
-    "model": ModelConfig,
-    "loss": LossConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "infer": InferConfig,
-}
-
-
 @dataclass(frozen=True)
 class Config:
     """A whole experiment: one frozen section per YAML top-level key."""
@@ -434,6 +420,10 @@ class Config:
         """Sliding-window size: ``infer.roi_size`` or, when unset, the training patch (``auto``: the plan's,
         see :func:`plan_roi_size`)."""
         return self.infer.roi_size or self.augment.patch_size
+
+
+#: YAML top-level key → its section class, in :class:`Config`'s order.
+SECTIONS: dict[str, type[_Section]] = {f.name: f.default_factory for f in fields(Config)}
 
 
 def plan_roi_size(cfg: Config, plan: Plan) -> tuple[int, int, int]:

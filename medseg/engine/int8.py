@@ -33,16 +33,18 @@ def require_quantizer(cfg: Config) -> None:
         raise ConfigError("train.quantize=on needs OpenVINO and NNCF: pip install 'medseg[openvino]'")
 
 
-def case_counts(checkpoint: Path, dataset: str | Path) -> tuple[int, int]:
-    """``(calibration, control)`` case counts: ``medseg quantize``'s defaults (4 and 6), fewer where the dataset
-    has fewer training cases outside the check (calibration first; no accuracy control when none are left)."""
+def case_counts(checkpoint: Path, dataset: str | Path):
+    """``medseg quantize``'s case counts (:class:`~medseg.inference.quantize.CaseCounts`), fewer where the
+    dataset has fewer training cases outside the check (calibration first; no accuracy control when none are
+    left)."""
     from medseg.data.datasets import training_cases
-    from medseg.inference.quantize import held_out_cases
+    from medseg.inference.quantize import CaseCounts, held_out_cases
 
     cases = {c["case"]: c["image"] for c in training_cases(dataset)}
     others = len(set(cases) - set(held_out_cases(checkpoint, Path(dataset), cases)))
-    calibration = max(1, min(4, others))
-    return calibration, max(0, min(6, others - calibration))
+    default = CaseCounts()
+    calibration = max(1, min(default.calibration, others))
+    return CaseCounts(calibration, default.check, max(0, min(default.control, others - calibration)))
 
 
 def quantize_run(cfg: Config, run: Path, log=print) -> dict | None:
@@ -55,8 +57,7 @@ def quantize_run(cfg: Config, run: Path, log=print) -> dict | None:
         return None
     log("int8 graph for CPU inference (train.quantize; `medseg quantize` does the same)")
     try:
-        calibration, control = case_counts(best, cfg.data.root)
-        record = quantize_dataset(best, cfg.data.root, calibration=calibration, control=control, log=log)
+        record = quantize_dataset(best, cfg.data.root, case_counts(best, cfg.data.root), log=log)
     except InputError as exc:
         log(f"int8 quantization skipped: {' '.join(str(exc).split())}")
         return None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -369,22 +370,29 @@ def held_out_cases(checkpoint: Path, dataset: Path, cases: dict[str, str]) -> di
     return found
 
 
+@dataclass(frozen=True)
+class CaseCounts:
+    """How many cases each step of :func:`quantize_dataset` takes (``medseg quantize``'s defaults)."""
+
+    calibration: int = 4
+    check: int = 4
+    control: int = 6
+
+
 def quantize_dataset(
     checkpoint: str | os.PathLike,
     dataset: str | os.PathLike,
-    calibration: int = 4,
-    check: int = 4,
-    control: int = 6,
+    counts: CaseCounts = CaseCounts(),
     windows: int = 32,
     seed: int = 0,
     max_drop: float = MAX_DROP,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """:func:`quantize_checkpoint` with the cases chosen from ``dataset`` (``medseg quantize`` and the end of
-    ``medseg train``): the check on held-out cases (:func:`held_out_cases`, up to ``check``; training cases
-    only when there are none — said in the log, an optimistic check), calibration on ``calibration`` of the
-    other training cases (shuffled with ``seed``), accuracy control on the next ``control`` (0: plain
-    quantization). Returns the stored record.
+    ``medseg train``): the check on held-out cases (:func:`held_out_cases`, up to ``counts.check``; training
+    cases only when there are none — said in the log, an optimistic check), calibration on
+    ``counts.calibration`` of the other training cases (shuffled with ``seed``), accuracy control on the next
+    ``counts.control`` (0: plain quantization). Returns the stored record.
 
     Raises:
         InputError: counts out of range, too few cases, or :func:`quantize_checkpoint`'s errors.
@@ -393,6 +401,7 @@ def quantize_dataset(
 
     from medseg.data.datasets import training_cases
 
+    calibration, check, control = counts.calibration, counts.check, counts.control
     if calibration < 1 or check < 1 or windows < 1 or control < 0:
         raise InputError("calibration, check and windows must be at least 1, control at least 0")
     if not 0.0 < max_drop < 1.0:
