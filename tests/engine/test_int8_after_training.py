@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -35,15 +37,21 @@ def test_yaml_on_and_off_are_the_words(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not quantizer_installed(), reason="OpenVINO / NNCF (the openvino extra) not installed")
 def test_training_ends_with_a_checked_int8_graph(tmp_path):
+    """`medseg train` as a user runs it, in its own process (OpenVINO and NNCF state stays out of the test
+    worker)."""
     from medseg.data.phantoms import write_msd_dataset
-    from medseg.engine import train
 
     data = tmp_path / "data"
     write_msd_dataset(data, num_train=8, num_test=1, shape=TINY_SHAPE, seed=3)
     run = tmp_path / "run"
-    lines: list[str] = []
     overrides = [*TINY_TRAIN, "train.quantize=auto", f"data.root={data}", f"train.output={run}"]
-    train(load_config(None, overrides), log=lines.append)
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  quantize: auto\n")
+    sets = [a for o in overrides for a in ("--set", o)]
+    command = [sys.executable, "-m", "pipelines.cli", "train", str(config), *sets]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
     manifests = list((run / ".openvino-cache").glob("*-int8-*/manifest.json"))
     assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
