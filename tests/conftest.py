@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ TINY_TRAIN = [
     "infer.overlap=0.25",
     "data.val_fraction=0.25",
 ]
+
+
+@pytest.fixture(autouse=True)
+def default_sigchld():
+    """Each test starts with SIGCHLD's default disposition and leaves it so.
+
+    PyTorch's ``DataLoader`` installs a Python SIGCHLD handler the first time it starts worker processes and
+    never removes it; in a long-lived pytest worker every later child exit (Orthanc, a node, Chromium) then
+    runs that handler on the alternate signal stack faulthandler set up, and on this machine the kernel failed
+    to deliver it there (SIGSEGV with ``si_code`` SI_KERNEL in the worker, seen under gdb, during
+    ``test_orthanc_fixture`` after ``test_caching``'s 2-worker loaders in the same worker).
+    """
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 @pytest.fixture
