@@ -187,7 +187,13 @@ def store_int8(ckpt: Path, ct: Path, windows_n: int = 16, like: Path | None = No
 
     from medseg.inference import Predictor
     from medseg.inference.openvino_backend import build_graph, cache_root, store_entry
-    from medseg.inference.quantize import calibration_windows, int8_key, quantize_graph, stored_int8
+    from medseg.inference.quantize import (
+        calibration_windows,
+        float_parts_here,
+        int8_key,
+        quantize_graph,
+        stored_int8,
+    )
 
     exact = Predictor(ckpt, device="cpu", precision="fp32")
     key = int8_key(exact.checkpoint_sha256[0], exact.roi_size, exact.sw_batch_size, exact.plan.in_channels)
@@ -200,6 +206,7 @@ def store_int8(ckpt: Path, ct: Path, windows_n: int = 16, like: Path | None = No
     record = {
         "calibration": {"cases": [str(ct)], "windows": windows_n * key.batch},
         "float_like": None if like is None else {"checkpoint": str(like), "positions": sorted(positions)},
+        "float_parts": float_parts_here(),  # as a graph checked on this CPU would run (quantize.int8_hint)
         "agreement": None,
     }
     quantized = quantize_graph(graph, cut, float_ops=names_at(graph, positions))

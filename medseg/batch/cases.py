@@ -141,6 +141,7 @@ def run_identity(predictor: Predictor, options: SegmentOptions, outputs: OutputS
         "overlap": predictor.overlap,
         "tta": bool(options.tta),
         "precision": predictor.precision,
+        **({"int8_float_parts": predictor.float_parts} if predictor.float_parts else {}),
         "backend": predictor.backend,
         "postprocess": _jsonable(options.postprocess),
         "output_types": list(outputs.types),

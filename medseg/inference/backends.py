@@ -120,7 +120,8 @@ def window_networks(
             from medseg.inference.openvino_backend import OpenVINONetwork
             from medseg.inference.quantize import load_int8
 
-            nets.append(OpenVINONetwork(load_int8(checkpoint, key), key))
+            graph, hint = load_int8(checkpoint, key)
+            nets.append(OpenVINONetwork(graph, key, hint=hint))
         else:
             nets.append(openvino_network(model, key, checkpoint))
     return nets

@@ -15,7 +15,8 @@ converts the default network in about a quarter of the time (10 s vs 38 s, ``doc
 **Precision**: the compiled model's ``INFERENCE_PRECISION_HINT`` — ``f32`` for ``fp32``, ``bf16`` for ``bf16``
 (:data:`HINTS`); ``int8`` graphs are not converted here but made by ``medseg quantize``
 (:mod:`medseg.inference.quantize`) and stored in the same cache, their manifest carrying the calibration and the
-agreement check; threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads``
+agreement check (their float parts: ``f32``, or ``bf16`` where :func:`medseg.inference.quantize.int8_hint` says);
+threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads``
 set).
 
 **Cache** (:func:`load_or_build`): one folder per :class:`GraphKey` — the checkpoint's SHA-256, window, window
@@ -50,7 +51,11 @@ from medseg.io import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text, temp_prefix
 
 #: ``INFERENCE_PRECISION_HINT`` of the CPU plugin for each medseg precision.
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the layers NNCF left unquantized
+HINTS = {
+    "fp32": "f32",
+    "bf16": "bf16",
+    "int8": "f32",
+}  # int8: the parts NNCF left in float (see quantize.int8_hint)
 #: The cache folder's name beside a checkpoint.
 CACHE_FOLDER = ".openvino-cache"
 #: The files of one cache entry; the manifest is written last and vouches for the other two.
@@ -241,9 +246,12 @@ class OpenVINONetwork:
         torch.Size([2, 7, 96, 96, 64])
     """
 
-    def __init__(self, graph: Any, key: GraphKey, threads: int | None = None) -> None:
+    def __init__(
+        self, graph: Any, key: GraphKey, threads: int | None = None, hint: str | None = None
+    ) -> None:
+        self.hint = hint or HINTS[key.precision]
         config = {
-            "INFERENCE_PRECISION_HINT": HINTS[key.precision],
+            "INFERENCE_PRECISION_HINT": self.hint,
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             "PERFORMANCE_HINT": "LATENCY",
         }

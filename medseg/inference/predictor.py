@@ -34,11 +34,9 @@ The network stage is the peak::
     peak ≈ c + s N + (8 K + 12) M           mirroring or an ensemble (any number of passes)
 
 i.e. about ``s + r (4 K + 8)`` (or ``s + r (8 K + 12)``) bytes per input voxel at most, plus ``c``, which does
-not depend on the volume: Python, torch, MONAI and the weights, and the network's activations for
-``sw_batch_size`` windows (they scale with ``sw_batch_size`` and the patch).
-``python -m benchmarks.bench_segment`` measures the peak; the measured ``c``, a worked example for a
-clinical-size CT and the memory before this schedule are in ``docs/speed.md`` (section
-``medseg.inference.predictor``).
+not depend on the volume: Python, torch, MONAI, the weights and the activations of ``sw_batch_size`` windows.
+``python -m benchmarks.bench_segment`` measures the peak; the measured ``c``, a worked example for a clinical-size
+CT and the memory before this schedule: ``docs/speed.md``, section ``medseg.inference.predictor``.
 """
 
 from __future__ import annotations
@@ -269,6 +267,8 @@ class Predictor:
             (resolved.name, resolved.dtype),
             self.plan.in_channels,
         )
+        int8 = self.precision == "int8"  # the float parts' precision: quantize.int8_hint
+        self.float_parts = getattr(self.networks[0], "hint", None) if int8 else None
         self.networks = [ConstantWindows(n) for n in self.networks]  # medseg.inference.skipping
         self.tta = bool(options.tta)
         self.uncertainty = bool(uncertainty)
@@ -430,6 +430,7 @@ class Predictor:
             "checkpoints": [str(p) for p in self.checkpoints],
             "tta_flips": [list(f) for f in self.flips],
             "precision": self.precision,
+            **({"int8_float_parts": self.float_parts} if self.float_parts else {}),
             "backend": self.backend,
             "model_grid": [int(n) for n in image.shape[1:]],
         }

@@ -24,7 +24,13 @@
    the one every fast path is held to: Dice ≥ :data:`AGREEMENT` for every label.
 3. **Storage** — the graph in the checkpoint's OpenVINO cache (:func:`medseg.inference.openvino_backend
    .cache_root`, keyed by the checkpoint's SHA-256, window, batch, channels, ``int8`` and the OpenVINO
-   version), its manifest recording the calibration cases and the check's numbers.
+   version), its manifest recording the calibration cases, the check's numbers and the precision of the float
+   parts the check ran with (``float_parts``: ``bf16`` on a CPU with native bf16, where OpenVINO's CPU plugin
+   runs them in bf16 by default and NNCF's accuracy control already did; ``f32`` elsewhere).
+
+What NNCF leaves in float runs in bf16 only where the CPU has it and the check ran that way (:func:`int8_hint`):
+on the demo network the one float convolution, the instance norms and the upsampling then take 0.138 instead of
+0.187 s per forward of 2 windows (``docs/speed.md``, section ``medseg.inference.quantize``).
 
 At inference ``--precision int8`` uses the stored graph (and says how to make it when there is none);
 ``--precision auto`` uses it **only where its check held**, else falls back to bf16 / fp32
@@ -106,8 +112,26 @@ def stored_int8(checkpoint: str | os.PathLike, key: GraphKey) -> tuple[Any, dict
     return stored_entry(cache_root(checkpoint), key)
 
 
-def load_int8(checkpoint: str | os.PathLike, key: GraphKey) -> Any:
-    """The stored int8 graph, or an :class:`InputError` that says how to make one."""
+def float_parts_here() -> str:
+    """The precision the parts of an int8 graph NNCF left in float run in on this CPU when its check allows:
+    ``bf16`` where it computes bfloat16 natively (:func:`medseg.device.cpu_has_native_bf16`), else ``f32``."""
+    from medseg.device import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "f32"
+
+
+def int8_hint(manifest: dict[str, Any]) -> str:
+    """OpenVINO's ``INFERENCE_PRECISION_HINT`` for a stored int8 graph: the float parts in ``bf16`` only where the
+    CPU computes bf16 natively **and** the graph's agreement check ran with bf16 float parts (the manifest's
+    ``float_parts``, written before the check); ``f32`` otherwise — a graph checked with bf16 parts then runs
+    with more exact float parts than checked, one checked with f32 parts never with less exact ones."""
+    checked = manifest.get("float_parts") or "f32"
+    return "bf16" if checked == "bf16" and float_parts_here() == "bf16" else "f32"
+
+
+def load_int8(checkpoint: str | os.PathLike, key: GraphKey) -> tuple[Any, str]:
+    """The stored int8 graph and the precision hint of its float parts (:func:`int8_hint`), or an
+    :class:`InputError` that says how to make one."""
     found = stored_int8(checkpoint, key)
     if found is None:
         window = "x".join(map(str, key.window))
@@ -115,7 +139,7 @@ def load_int8(checkpoint: str | os.PathLike, key: GraphKey) -> Any:
             f"{checkpoint}: no int8 graph for window {window}, batch {key.batch} and this OpenVINO; make one "
             f"with `medseg quantize {checkpoint} -d DATASET` (or use --precision auto/bf16/fp32)"
         )
-    return found[0]
+    return found[0], int8_hint(found[1])
 
 
 def int8_ready(checkpoint: str | os.PathLike, key: GraphKey) -> bool:
@@ -309,7 +333,7 @@ def quantize_checkpoint(
         graph = build_graph(exact.model, key, Path(scratch))
     quantized = quantize_graph(graph, cut, checked, max_drop)
     int8_convolutions, all_convolutions = quantized_share(quantized)
-    log(f"{int8_convolutions} of {all_convolutions} convolutions in int8")
+    log(f"{int8_convolutions} of {all_convolutions} convolutions in int8; the rest in {float_parts_here()}")
     root = cache_root(checkpoint)
     record: dict[str, Any] = {
         "calibration": {
@@ -325,6 +349,7 @@ def quantize_checkpoint(
             "max_drop": max_drop,
         },
         "convolutions": {"int8": int8_convolutions, "all": all_convolutions},
+        "float_parts": float_parts_here(),  # what the check below runs (int8_hint)
         "agreement": None,  # not checked yet: `auto` does not take it
     }
     store_entry(quantized, root, key, record)

@@ -140,9 +140,17 @@ def test_backend_option_is_checked_when_made():
 
 
 def test_backend_is_in_the_identity_and_older_sidecars_were_torch(tmp_path):
-    predictor = SimpleNamespace(checkpoint_sha256=["ab"], overlap=0.5, precision="bf16", backend="openvino")
+    predictor = SimpleNamespace(
+        checkpoint_sha256=["ab"], overlap=0.5, precision="bf16", backend="openvino", float_parts=None
+    )
     identity = run_identity(predictor, SegmentOptions(), OutputSpec())
-    assert identity["backend"] == "openvino"
+    assert identity["backend"] == "openvino" and "int8_float_parts" not in identity
+    int8 = {"precision": "int8", "float_parts": "bf16"}
+    assert run_identity(SimpleNamespace(**{**vars(predictor), **int8}), SegmentOptions(), OutputSpec()) == {
+        **identity,
+        "precision": "int8",
+        "int8_float_parts": "bf16",  # a mask made with f32 float parts is not this run's
+    }
     mask = tmp_path / "case.nii.gz"
     mask.write_bytes(b"")
     older = {k: v for k, v in identity.items() if k != "backend"}

@@ -67,7 +67,7 @@ def test_int8_agrees_with_exact_fp32_on_held_out_phantoms(quantized, tiny_datase
     assert fast.precision == "int8" and fast.backend == "openvino"
     for case in sorted((tiny_dataset / "imagesTs").glob("*.nii.gz")):
         a, b = exact.predict(case), fast.predict(case)
-        assert b.info["precision"] == "int8"
+        assert b.info["precision"] == "int8" and b.info["int8_float_parts"] == fast.float_parts
         labels = sorted((set(np.unique(a.labels)) | set(np.unique(b.labels))) - {0})
         assert labels
         dice = dice_per_label(b.labels, a.labels, labels)
@@ -91,6 +91,36 @@ def test_auto_takes_int8_only_where_its_check_held(quantized):
         assert auto.precision == "int8" and auto.backend == "openvino"
     finally:
         update_manifest(cache_root(checkpoint), key, {"agreement": record["agreement"]})
+
+
+def test_float_parts_run_in_bf16_only_where_checked_so_and_native(quantized, monkeypatch):
+    """What NNCF left in float runs in bf16 only on a CPU with native bf16 and only when the check ran that way
+    (the manifest's ``float_parts``); the compiled graph's precision hint and the sidecar say which."""
+    from medseg.device import cpu_has_native_bf16
+    from medseg.inference.openvino_backend import cache_root, update_manifest
+    from medseg.inference.quantize import float_parts_here, int8_hint, int8_key
+
+    checkpoint, record = quantized
+    assert record["float_parts"] == float_parts_here() == ("bf16" if cpu_has_native_bf16() else "f32")
+    net = Predictor(checkpoint, _options(precision="fp32"))
+    key = int8_key(net.checkpoint_sha256[0], net.roi_size, net.sw_batch_size, 1)
+
+    def compiled_hint(predictor: Predictor) -> str:
+        compiled = predictor.networks[0].network.compiled
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: f32, bf16
+        return hint.get_type_name()
+
+    try:
+        for checked in ("f32", "bf16"):
+            update_manifest(cache_root(checkpoint), key, {"float_parts": checked})
+            fast = Predictor(checkpoint, _options(precision="int8"))
+            want = "bf16" if checked == "bf16" and cpu_has_native_bf16() else "f32"
+            assert fast.float_parts == want and compiled_hint(fast) == want
+        assert int8_hint({}) == "f32"  # a graph stored before float_parts existed: checked with f32 parts
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2-only CPU: never bf16 parts
+        assert int8_hint({"float_parts": "bf16"}) == "f32" and float_parts_here() == "f32"
+    finally:
+        update_manifest(cache_root(checkpoint), key, {"float_parts": record["float_parts"]})
 
 
 def test_int8_without_a_stored_graph_says_how_to_make_one(segmenting_run, tmp_path):
