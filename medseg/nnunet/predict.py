@@ -195,6 +195,7 @@ class NnunetPredictor:
         self.device = resolve_device(options.device)
         resolved = resolve_precision(options.precision, self.device)
         self.precision, self.autocast = resolved.name, resolved.dtype
+        self.float_parts = None  # int8 graphs are medseg checkpoints' (medseg.inference.quantize.int8_hint)
         try:
             self.backend = resolve_backend(options.backend, self.device, options.precision, in_memory=False)
         except ValueError as exc:

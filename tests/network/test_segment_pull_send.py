@@ -125,7 +125,9 @@ def test_date_range_pull_and_c_store_of_a_local_input(orthanc, uploaded, segment
     assert len(errors) == 1 and "NOBODY" in errors[0] and "Called AE title not recognised" in errors[0]
     assert f"to {dest} (first attempt)" in result.output
     records = [json.loads(x) for x in (local / "deliveries.jsonl").read_text().splitlines()]
-    assert [r["ok"] for r in records] == [True, False] and records[1]["attempts"] == 1
+    # permanent: the rejection ends the retries (policy: 5 attempts). Under load an attempt may first see the
+    # peer close the connection before its A-ASSOCIATE-RJ is read (an abort, transient), so 1 or 2, never 5
+    assert [r["ok"] for r in records] == [True, False] and records[1]["attempts"] in (1, 2)
 
 
 def test_network_options_are_checked_before_any_work(tmp_path, segmenting_run):
