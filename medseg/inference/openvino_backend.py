@@ -16,8 +16,7 @@ converts the default network in about a quarter of the time (10 s vs 38 s, ``doc
 (:data:`HINTS`); ``int8`` graphs are not converted here but made by ``medseg quantize``
 (:mod:`medseg.inference.quantize`) and stored in the same cache, their manifest carrying the calibration and the
 agreement check (their float parts: ``f32``, or ``bf16`` where :func:`medseg.inference.quantize.int8_hint` says);
-threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads``
-set).
+threads: ``torch.get_num_threads()`` (what ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` set).
 
 **Cache** (:func:`load_or_build`): one folder per :class:`GraphKey` — the checkpoint's SHA-256, window, window
 batch, input channels, precision and OpenVINO version, so a changed checkpoint (or an upgraded OpenVINO) never
@@ -50,12 +49,9 @@ from medseg.inference.onnx_export import export_onnx
 from medseg.io import InputError
 from medseg.io.atomic import atomic_path, atomic_write_text, temp_prefix
 
-#: ``INFERENCE_PRECISION_HINT`` of the CPU plugin for each medseg precision.
-HINTS = {
-    "fp32": "f32",
-    "bf16": "bf16",
-    "int8": "f32",
-}  # int8: the parts NNCF left in float (see quantize.int8_hint)
+#: ``INFERENCE_PRECISION_HINT`` of the CPU plugin for each medseg precision (int8: of the parts NNCF left in
+#: float, unless :func:`medseg.inference.quantize.int8_hint` says bf16).
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 #: The cache folder's name beside a checkpoint.
 CACHE_FOLDER = ".openvino-cache"
 #: The files of one cache entry; the manifest is written last and vouches for the other two.

@@ -333,7 +333,8 @@ def quantize_checkpoint(
         graph = build_graph(exact.model, key, Path(scratch))
     quantized = quantize_graph(graph, cut, checked, max_drop)
     int8_convolutions, all_convolutions = quantized_share(quantized)
-    log(f"{int8_convolutions} of {all_convolutions} convolutions in int8; the rest in {float_parts_here()}")
+    parts = float_parts_here()  # what the check below runs (int8_hint)
+    log(f"{int8_convolutions} of {all_convolutions} convolutions in int8; the rest in {parts}")
     root = cache_root(checkpoint)
     record: dict[str, Any] = {
         "calibration": {
@@ -349,7 +350,7 @@ def quantize_checkpoint(
             "max_drop": max_drop,
         },
         "convolutions": {"int8": int8_convolutions, "all": all_convolutions},
-        "float_parts": float_parts_here(),  # what the check below runs (int8_hint)
+        "float_parts": parts,
         "agreement": None,  # not checked yet: `auto` does not take it
     }
     store_entry(quantized, root, key, record)
