@@ -4,24 +4,24 @@
 
 1. **Calibration** — the network converted to OpenVINO as for the fp32 back end
    (:func:`medseg.inference.openvino_backend.build_graph`), then ``nncf.quantize`` (NNCF's post-training
-   quantization: per-channel symmetric int8 weights, int8 activations (asymmetric ranges: NNCF's ``MIXED``
-   preset, each from the smallest and largest value the calibration windows produce), fast bias correction, the first and the output convolutions left in float
-   (:func:`float_convolutions`), and only the inputs of the arithmetic quantized — convolutions and matrix
-   products (:func:`float_types`: no quantizer before instance norms, gates, upsampling or sums, which int8 does
-   not speed up); Jacob et al., CVPR 2018, "Quantization and training of neural networks for efficient
-   integer-arithmetic-only inference") on windows cut from training cases: each case preprocessed exactly as
-   inference preprocesses it (:meth:`medseg.inference.Predictor.prepare`), windows of the inference window
-   size at seeded random positions (:func:`calibration_windows`), ``batch`` per item as the sliding window
-   sends them. **Accuracy control** (the default, ``nncf.quantize_with_accuracy_control``): on windows of
-   *other* training cases, the lowest per-label Dice of the graph's labels against exact fp32 (PyTorch) labels
-   (:class:`WindowAgreement`) may fall at most :data:`MAX_DROP` below the float graph's; where int8 falls
-   further, NNCF ranks the quantized operations by how much each costs and returns the worst to float, one group
-   at a time, until it holds — a mixed int8/float graph instead of a refusal.
+   quantization: per-channel symmetric int8 weights, int8 activations (asymmetric ranges: NNCF's ``MIXED`` preset,
+   each from the smallest and largest value the calibration windows produce), fast bias correction, the first and the
+   output convolutions left in float (:func:`float_convolutions`), and only the inputs of the arithmetic quantized —
+   convolutions and matrix products (:func:`float_types`: no quantizer before instance norms, gates, upsampling or
+   sums, which int8 does not speed up); Jacob et al., CVPR 2018, "Quantization and training of neural networks for
+   efficient integer-arithmetic-only inference") on windows cut from training cases: each case preprocessed exactly
+   as inference preprocesses it (:meth:`medseg.inference.Predictor.prepare`), windows of the inference window size at
+   seeded random positions (:func:`calibration_windows`), ``batch`` per item as the sliding window sends them.
+   **Accuracy control** (the default, ``nncf.quantize_with_accuracy_control``): on windows of *other* training cases,
+   the lowest per-label Dice of the graph's labels against exact fp32 (PyTorch) labels (:class:`WindowAgreement`) may
+   fall at most :data:`MAX_DROP` below the float graph's; where int8 falls further, NNCF ranks the quantized
+   operations by how much each costs and returns the worst to float, one group at a time, until it holds — a mixed
+   int8/float graph instead of a refusal.
 2. **The agreement check** — the quantized graph against the exact reference (PyTorch fp32) on held-out cases
    (``medseg quantize`` takes the run's validation cases and the dataset's test images: a model agrees with
-   itself best on what it was trained on, so training cases make an optimistic check): per label the Dice of the two label maps, the whole
-   pipeline (preprocess, sliding window, restore, postprocessing) as ``medseg segment`` runs it. The bound is
-   the one every fast path is held to: Dice ≥ :data:`AGREEMENT` for every label.
+   itself best on what it was trained on, so training cases make an optimistic check): per label the Dice of
+   the two label maps, the whole pipeline (preprocess, sliding window, restore, postprocessing) as ``medseg
+   segment`` runs it. The bound is the one every fast path is held to: Dice ≥ :data:`AGREEMENT` for every label.
 3. **Storage** — the graph in the checkpoint's OpenVINO cache (:func:`medseg.inference.openvino_backend
    .cache_root`, keyed by the checkpoint's SHA-256, window, batch, channels, ``int8`` and the OpenVINO
    version), its manifest recording the calibration cases, the check's numbers and the precision of the float
